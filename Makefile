@@ -1,0 +1,49 @@
+# Two commands on a fresh machine with only Python: `make demo` and `make test`.
+# uv is installed into .tools/ when it is not on PATH; dependencies come from the hash-pinned lock files.
+
+PYTHON ?= python3
+VENV   := .venv
+TOOLS  := .tools
+UV     := $(or $(shell command -v uv 2>/dev/null),$(TOOLS)/bin/uv)
+export VIRTUAL_ENV := $(abspath $(VENV))
+BIN    := $(VENV)/bin
+
+.PHONY: install demo test lint typecheck pytest lock ensure-postgres clean
+
+$(TOOLS)/bin/uv:
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/python -m pip install --quiet --disable-pip-version-check uv
+
+$(BIN)/.installed: requirements/dev.txt pyproject.toml | $(UV)
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip sync --quiet --require-hashes requirements/dev.txt
+	$(UV) pip install --quiet --no-deps --no-build-isolation -e . || $(UV) pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(BIN)/.installed
+
+demo: install
+	$(BIN)/gateway demo
+
+test: install ensure-postgres lint typecheck pytest
+
+lint: install
+	$(BIN)/ruff check app tests bench
+	$(BIN)/ruff format --check app tests bench
+
+typecheck: install
+	$(BIN)/mypy app
+
+pytest: install
+	$(BIN)/pytest
+
+ensure-postgres:
+	@scripts/ensure-postgres.sh
+
+# Re-pin after editing pyproject.toml. Hashes only: no index URL or download address is recorded.
+lock: | $(UV)
+	$(UV) pip compile --quiet --generate-hashes --python-version 3.11 pyproject.toml -o requirements/runtime.txt
+	$(UV) pip compile --quiet --generate-hashes --python-version 3.11 --extra dev pyproject.toml -o requirements/dev.txt
+
+clean:
+	rm -rf $(VENV) $(TOOLS) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,76 @@
+"""Request and result shapes of /aggregate."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, TypedDict
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
+Scalar = Annotated[str, Field(max_length=4096)] | int | float | bool
+Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+
+
+class UpstreamSourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    upstream: Name
+    path: str = Field(min_length=1, max_length=2048)
+    method: Method = "GET"
+    params: dict[Annotated[str, Field(max_length=256)], Scalar] = Field(default_factory=dict, max_length=64)
+    body: Any = Field(None, alias="json")
+    headers: dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=8192)]] = Field(
+        default_factory=dict, max_length=32
+    )
+
+
+class QuerySourceSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: Name
+    params: dict[Annotated[str, Field(max_length=256)], Scalar | None] = Field(default_factory=dict, max_length=64)
+
+
+def _source_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        if "upstream" in value:
+            return "upstream"
+        if "query" in value:
+            return "query"
+        return None
+    if isinstance(value, UpstreamSourceSpec):
+        return "upstream"
+    if isinstance(value, QuerySourceSpec):
+        return "query"
+    return None
+
+
+SourceSpec = Annotated[
+    Annotated[UpstreamSourceSpec, Tag("upstream")] | Annotated[QuerySourceSpec, Tag("query")],
+    Discriminator(
+        _source_kind,
+        custom_error_type="source_kind",
+        custom_error_message="a source names either 'upstream' (with 'path') or 'query'",
+    ),
+]
+
+
+class AggregateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    sources: dict[Name, SourceSpec] = Field(min_length=1)
+    deadline_ms: float | None = Field(None, gt=0, le=3_600_000)
+
+
+class SourceErrorBody(TypedDict):
+    type: str
+    message: str
+
+
+class SourceResult(TypedDict):
+    ok: bool
+    status: int | None
+    data: Any
+    error: SourceErrorBody | None
+    elapsed_ms: float
+    attempts: int

@@ -1,0 +1,201 @@
+"""PostgreSQL through psycopg2: a ThreadedConnectionPool sized to the DB executor, queries run only there."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg2
+import psycopg2.errors
+import psycopg2.extensions
+from psycopg2.pool import ThreadedConnectionPool
+
+from app.concurrency import run_in_own_thread
+from app.db.executor import BoundedExecutor, ExecutorFullError
+from app.errors import (
+    DatabaseError,
+    DatabaseUnavailableError,
+    QueryTimeoutError,
+    ResourceClosedError,
+    SourceOverloadedError,
+    StartupError,
+)
+from app.settings import DatabaseSettings
+
+log = logging.getLogger(__name__)
+
+Row = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    rows: list[Row]
+    truncated: bool
+    elapsed_ms: float
+
+
+class Database:
+    """A psycopg2 connection pool whose every call runs in its own bounded thread executor.
+
+    The pool holds as many connections as the executor has threads, so a thread always finds one and psycopg2's
+    PoolError (it never waits) cannot happen.
+    """
+
+    def __init__(self, dsn: str, settings: DatabaseSettings) -> None:
+        self._dsn = dsn
+        self._settings = settings
+        self._executor = BoundedExecutor(name="db", workers=settings.executor_threads, queue_limit=settings.queue_limit)
+        self._pool: ThreadedConnectionPool | None = None
+        self._closed = False
+
+    @property
+    def executor(self) -> BoundedExecutor:
+        return self._executor
+
+    @property
+    def pool_size(self) -> int:
+        return self._executor.workers
+
+    async def start(self) -> None:
+        """Create the pool and open ``min_connections``.
+
+        Raises StartupError when ``startup_check`` is on and the database cannot be reached.
+        """
+        self._pool = ThreadedConnectionPool(
+            0,
+            self.pool_size,
+            self._dsn,
+            connect_timeout=max(1, round(self._settings.connect_timeout_s)),
+            application_name="gateway",
+        )
+        # psycopg2 closes every connection returned beyond `minconn`; raising it after construction keeps every
+        # healthy connection (opened lazily) instead of opening and closing one per query under bursts.
+        self._pool.minconn = self.pool_size
+        try:
+            await self._executor.run(self._warm)
+        except psycopg2.Error as exc:
+            if self._settings.startup_check:
+                raise StartupError(f"database unreachable: {_one_line(exc)}") from exc
+            log.warning("database unreachable at start-up, continuing: %s", _one_line(exc))
+
+    def _warm(self) -> None:
+        pool = self._require_pool()
+        conns = []
+        try:
+            for _ in range(max(1, self._settings.min_connections)):
+                conn = pool.getconn()
+                conns.append(conn)
+                with conn.cursor() as cur:
+                    cur.execute("SELECT 1")
+                conn.rollback()
+        finally:
+            for conn in conns:
+                pool.putconn(conn, close=not self._settings.min_connections)
+
+    async def fetch(self, sql: str, params: Mapping[str, Any], *, timeout_ms: float, max_rows: int) -> QueryResult:
+        """Run one parameterised query in the DB executor.
+
+        Raises SourceOverloadedError when the executor queue is full, DatabaseUnavailableError when no connection
+        can be had, QueryTimeoutError when statement_timeout cancels it, DatabaseError for any other failure.
+        """
+        if self._closed:
+            raise ResourceClosedError("database is closed")
+        try:
+            return await self._executor.run(lambda: self._fetch(sql, params, timeout_ms, max_rows))
+        except ExecutorFullError as exc:
+            raise SourceOverloadedError("database executor queue is full") from exc
+
+    def _fetch(self, sql: str, params: Mapping[str, Any], timeout_ms: float, max_rows: int) -> QueryResult:
+        started = time.perf_counter()
+        # A connection that died while idle in the pool (server restart) fails on first use; an idempotent read
+        # is retried once on a fresh connection.
+        for attempt in (1, 2):
+            conn = self._getconn()
+            discard = False
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(timeout_ms)),))
+                    cur.execute(sql, params)
+                    rows = _rows(cur, max_rows + 1) if cur.description is not None else []
+                conn.commit()
+                truncated = len(rows) > max_rows
+                elapsed = (time.perf_counter() - started) * 1000
+                return QueryResult(rows=rows[:max_rows], truncated=truncated, elapsed_ms=elapsed)
+            except psycopg2.errors.QueryCanceled as exc:
+                _rollback(conn)
+                raise QueryTimeoutError(f"query exceeded {timeout_ms:.0f} ms") from exc
+            except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
+                discard = True
+                if attempt == 1 and _connection_lost(conn):
+                    continue
+                raise DatabaseUnavailableError(f"database connection failed: {_one_line(exc)}") from exc
+            except psycopg2.Error as exc:
+                discard = _rollback(conn) is False
+                raise DatabaseError(f"query failed: {_one_line(exc)}") from exc
+            finally:
+                self._putconn(conn, close=discard or bool(conn.closed))
+        raise AssertionError("unreachable")
+
+    def _getconn(self) -> psycopg2.extensions.connection:
+        try:
+            conn: psycopg2.extensions.connection = self._require_pool().getconn()
+        except psycopg2.pool.PoolError as exc:
+            raise DatabaseUnavailableError(f"connection pool: {exc}") from exc
+        except psycopg2.OperationalError as exc:
+            raise DatabaseUnavailableError(f"cannot connect: {_one_line(exc)}") from exc
+        return conn
+
+    def _putconn(self, conn: psycopg2.extensions.connection, *, close: bool) -> None:
+        pool = self._pool
+        if pool is None or pool.closed:
+            conn.close()
+            return
+        pool.putconn(conn, close=close)
+
+    def _require_pool(self) -> ThreadedConnectionPool:
+        if self._pool is None or self._closed:
+            raise ResourceClosedError("database pool is not open")
+        return self._pool
+
+    def pool_stats(self) -> dict[str, int]:
+        pool = self._pool
+        if pool is None or pool.closed:
+            return {"size": self.pool_size, "in_use": 0, "idle": 0}
+        # psycopg2 exposes no accessors; these private lists are stable across its 2.x releases.
+        in_use: int = len(pool._used)  # type: ignore[attr-defined]
+        idle: int = len(pool._pool)  # type: ignore[attr-defined]
+        return {"size": self.pool_size, "in_use": in_use, "idle": idle}
+
+    async def aclose(self) -> None:
+        """Let running queries finish (queued ones are dropped), then close every pooled connection."""
+        if self._closed:
+            return
+        self._closed = True
+        await self._executor.aclose()
+        pool = self._pool
+        if pool is not None and not pool.closed:
+            await run_in_own_thread(pool.closeall, name="db-pool-close")
+
+
+def _rows(cur: psycopg2.extensions.cursor, limit: int) -> list[Row]:
+    names = [col.name for col in cur.description or ()]
+    return [dict(zip(names, values, strict=True)) for values in cur.fetchmany(limit)]
+
+
+def _rollback(conn: psycopg2.extensions.connection) -> bool:
+    try:
+        conn.rollback()
+    except psycopg2.Error:
+        return False
+    return True
+
+
+def _connection_lost(conn: psycopg2.extensions.connection) -> bool:
+    return bool(conn.closed) or conn.info.transaction_status == psycopg2.extensions.TRANSACTION_STATUS_UNKNOWN
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())

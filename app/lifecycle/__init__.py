@@ -1,0 +1,1 @@
+"""Process lifecycle: the lifespan that owns resources, readiness, and the server runner."""

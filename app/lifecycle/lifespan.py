@@ -1,0 +1,125 @@
+"""The lifespan: opens every long-lived resource in order, closes them in reverse, also after a failed start.
+
+Order and why:
+  1. metrics          everything after it reports into the registry
+  2. http             the shared aiohttp session
+  3. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
+  4. cpu_pool         worker processes, pre-warmed
+  5. loop_lag         background sampler task
+Closing runs backwards: background tasks stop, workers finish and exit, the DB executor finishes its running
+queries before the pool closes its connections, then the HTTP session closes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from typing import Protocol
+
+from fastapi import FastAPI
+
+from app.compute.pool import CpuPool
+from app.db.pool import Database
+from app.lifecycle.readiness import Readiness
+from app.observability.looplag import LoopLagSampler
+from app.observability.metrics import CallbackGauges, Metrics
+from app.settings import Settings
+from app.state import GatewayState
+from app.upstream.session import HttpSession
+
+log = logging.getLogger("app.lifecycle")
+
+
+class Resource(Protocol):
+    async def start(self) -> None: ...
+    async def aclose(self) -> None: ...
+
+
+class _NoStart:
+    """Adapts an object that is usable from construction (the executor) to start()/aclose()."""
+
+    def __init__(self, aclose: Callable[[], Awaitable[None]]) -> None:
+        self._aclose = aclose
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        await self._aclose()
+
+
+def expected_resources(settings: Settings) -> list[str]:
+    names = ["metrics", "http"]
+    if settings.database_url is not None:
+        names.append("database")
+    if settings.compute.enabled:
+        names.append("cpu_pool")
+    names.append("loop_lag")
+    return names
+
+
+async def _open(stack: AsyncExitStack, readiness: Readiness, name: str, resource: Resource) -> None:
+    log.info("opening %s", name, extra={"resource": name, "event": "opening"})
+
+    async def close() -> None:
+        readiness.mark_stopped(name)
+        try:
+            await resource.aclose()
+        finally:
+            log.info("closed %s", name, extra={"resource": name, "event": "closed"})
+
+    # Registered before start(): a resource that fails half way through its own start still gets aclose(),
+    # which every resource module makes safe on a partly started object.
+    stack.push_async_callback(close)
+    await resource.start()
+    readiness.mark_started(name)
+    log.info("opened %s", name, extra={"resource": name, "event": "opened"})
+
+
+def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        readiness = Readiness(expected=expected_resources(settings))
+        metrics = Metrics()
+        state = GatewayState(settings=settings, readiness=readiness, metrics=metrics)
+        app.state.gateway = state
+        async with AsyncExitStack() as stack:
+            await _open(stack, readiness, "metrics", _NoStart(_noop))
+            metrics.add_collector(
+                CallbackGauges(
+                    {
+                        "gateway_ready": ("1 when the gateway is ready to serve.", lambda: float(readiness.ready)),
+                        "gateway_draining": (
+                            "1 while the gateway drains before exit.",
+                            lambda: float(readiness.draining),
+                        ),
+                    }
+                )
+            )
+
+            state.http = HttpSession(settings.http)
+            await _open(stack, readiness, "http", state.http)
+
+            if settings.database_url is not None:
+                state.db = Database(settings.database_url.get_secret_value(), settings.database)
+                await _open(stack, readiness, "database", state.db)
+
+            if settings.compute.enabled:
+                state.cpu = CpuPool(settings.compute)
+                await _open(stack, readiness, "cpu_pool", state.cpu)
+
+            await _open(stack, readiness, "loop_lag", LoopLagSampler(metrics.loop_lag))
+
+            log.info("gateway ready", extra={"event": "ready"})
+            try:
+                yield
+            finally:
+                readiness.stopping = True
+                log.info("gateway stopping", extra={"event": "stopping"})
+
+    return lifespan
+
+
+async def _noop() -> None:
+    return None

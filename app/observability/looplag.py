@@ -1,0 +1,34 @@
+"""Event-loop lag sampler: a background task that measures how late the loop runs a timer."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+from prometheus_client import Histogram
+
+
+class LoopLagSampler:
+    def __init__(self, histogram: Histogram, *, interval_s: float = 0.1) -> None:
+        self._histogram = histogram
+        self._interval = interval_s
+        self._task: asyncio.Task[None] | None = None
+        self.worst_recent_s = 0.0
+
+    async def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="loop-lag-sampler")
+
+    async def _run(self) -> None:
+        while True:
+            expected = time.perf_counter() + self._interval
+            await asyncio.sleep(self._interval)
+            lag = max(0.0, time.perf_counter() - expected)
+            self._histogram.observe(lag)
+            self.worst_recent_s = max(lag, self.worst_recent_s * 0.9)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task

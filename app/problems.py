@@ -1,0 +1,76 @@
+"""The one place that maps errors to RFC 9457 problem responses. No stack trace ever reaches a client."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.errors import ProblemError, ResourceClosedError
+from app.responses import ProblemResponse
+
+log = logging.getLogger(__name__)
+
+TYPE_PREFIX = "urn:gateway:problem:"
+
+
+def problem(
+    status: int,
+    type_: str,
+    title: str,
+    detail: str,
+    *,
+    errors: list[dict[str, Any]] | None = None,
+    headers: dict[str, str] | None = None,
+) -> ProblemResponse:
+    body: dict[str, Any] = {"type": TYPE_PREFIX + type_, "title": title, "status": status, "detail": detail}
+    if errors:
+        body["errors"] = errors
+    return ProblemResponse(body, status_code=status, headers=headers)
+
+
+def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    out = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ())]
+        out.append({"loc": ".".join(loc), "msg": str(err.get("msg", "invalid")), "type": str(err.get("type", ""))})
+    return out
+
+
+async def _problem_error(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, ProblemError)
+    return problem(exc.status, exc.type, exc.title, exc.detail, errors=exc.errors, headers=exc.headers())
+
+
+async def _request_validation(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = _validation_errors(exc)
+    return problem(
+        422, "validation", "Request validation failed", f"{len(errors)} problem(s) in the request", errors=errors
+    )
+
+
+async def _http_exception(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    slug = {404: "not-found", 405: "method-not-allowed"}.get(exc.status_code, "http")
+    return problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {}))
+
+
+async def _closed(request: Request, exc: Exception) -> ProblemResponse:
+    return problem(503, "unavailable", "Unavailable", str(exc), headers={"Retry-After": "1"})
+
+
+async def _unhandled(request: Request, exc: Exception) -> ProblemResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return problem(500, "internal", "Internal error", "the gateway failed to answer; the error was logged")
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(ProblemError, _problem_error)
+    app.add_exception_handler(RequestValidationError, _request_validation)
+    app.add_exception_handler(StarletteHTTPException, _http_exception)
+    app.add_exception_handler(ResourceClosedError, _closed)
+    app.add_exception_handler(Exception, _unhandled)

@@ -1,0 +1,1 @@
+"""HTTP routes. Every route is ``async def``: blocking work goes through its own bounded executor or pool."""

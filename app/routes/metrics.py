@@ -1,0 +1,16 @@
+"""Prometheus exposition, in OpenMetrics when the scraper asks for it."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client.exposition import choose_encoder
+
+from app.state import get_state
+
+router = APIRouter(tags=["observability"])
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    encoder, content_type = choose_encoder(request.headers.get("accept", ""))
+    return Response(encoder(get_state(request).metrics.registry), media_type=content_type)

@@ -1,0 +1,280 @@
+"""Settings: one validated object built from the config file and ``GATEWAY_*`` environment variables.
+
+Environment variables win over the file. Nested keys use ``__``: ``GATEWAY_SERVER__PORT=9000`` overrides
+``[server] port``; ``GATEWAY_DATABASE_URL`` sets ``database_url``. Nothing here is read at import time:
+``load_settings()`` is called by the CLI and the result is passed down explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+
+from app.errors import ConfigError
+from app.sizing import default_cpu_workers, default_io_threads
+
+Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
+ParamType = Literal["int", "float", "str", "bool"]
+PositiveMs = Annotated[float, Field(gt=0, le=3_600_000)]
+
+_SQL_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
+_TEMPLATE_FIELD = re.compile(r"\{(\w+)\}")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RetryPolicy(_Section):
+    attempts: int = Field(3, ge=1, le=10, description="Tries in all, the first included.")
+    backoff_initial_ms: PositiveMs = 25.0
+    backoff_max_ms: PositiveMs = 1_000.0
+    budget_ratio: float = Field(0.2, ge=0, le=1, description="Retries at most this fraction of calls.")
+    budget_window_s: float = Field(10.0, gt=0, le=3600)
+    budget_min_retries: int = Field(10, ge=0, description="Retries always allowed per window, for low traffic.")
+
+
+class BreakerPolicy(_Section):
+    consecutive_failures: int = Field(5, ge=1)
+    failure_rate: float = Field(0.5, gt=0, le=1)
+    min_calls: int = Field(20, ge=1, description="Calls in the window before the failure rate counts.")
+    window_s: float = Field(10.0, gt=0, le=3600)
+    open_ms: PositiveMs = 5_000.0
+    half_open_probes: int = Field(1, ge=1, le=100)
+
+
+class UpstreamConfig(_Section):
+    base_url: str
+    max_concurrency: int = Field(32, ge=1, le=10_000)
+    timeout_ms: PositiveMs = 1_000.0
+    connect_timeout_ms: PositiveMs = 250.0
+    max_response_bytes: int = Field(8 * 1024 * 1024, ge=1)
+    forward_headers: list[str] = Field(default_factory=list, description="Client headers passed through.")
+    retry: RetryPolicy = RetryPolicy()
+    breaker: BreakerPolicy = BreakerPolicy()
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_base_url(cls, value: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute http:// or https:// URL")
+        if parts.query or parts.fragment or parts.username or parts.password:
+            raise ValueError("must not carry a query, fragment or credentials")
+        return value.rstrip("/")
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _lower_headers(cls, value: list[str]) -> list[str]:
+        return [h.lower() for h in value]
+
+
+class QueryConfig(_Section):
+    sql: str = Field(min_length=1)
+    params: dict[Name, ParamType] = Field(default_factory=dict)
+    timeout_ms: PositiveMs = 2_000.0
+    max_rows: int = Field(1_000, ge=1, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _placeholders_match_params(self) -> QueryConfig:
+        used = set(_SQL_PLACEHOLDER.findall(self.sql))
+        declared = set(self.params)
+        if used - declared:
+            raise ValueError(f"sql uses undeclared parameters: {', '.join(sorted(used - declared))}")
+        if declared - used:
+            raise ValueError(f"params declared but unused in sql: {', '.join(sorted(declared - used))}")
+        return self
+
+
+class CompositeSource(_Section):
+    upstream: Name | None = None
+    path: str | None = None
+    method: Literal["GET", "HEAD"] = "GET"
+    query: Name | None = None
+    params: dict[str, str] = Field(default_factory=dict, description="Templates such as '{user_id}'.")
+    required: bool = False
+    fields: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CompositeSource:
+        if (self.upstream is None) == (self.query is None):
+            raise ValueError("a source names exactly one of 'upstream' or 'query'")
+        if self.upstream is not None and (self.path is None or not self.path.startswith("/")):
+            raise ValueError("an upstream source needs a 'path' starting with '/'")
+        if self.query is not None and self.path is not None:
+            raise ValueError("a query source takes no 'path'")
+        return self
+
+    def template_fields(self) -> set[str]:
+        texts = [self.path or "", *self.params.values()]
+        return {name for text in texts for name in _TEMPLATE_FIELD.findall(text)}
+
+
+class CompositeConfig(_Section):
+    params: dict[Name, ParamType] = Field(default_factory=dict)
+    sources: dict[Name, CompositeSource] = Field(min_length=1)
+    merge: Literal["grouped", "flat"] = "grouped"
+    deadline_ms: PositiveMs | None = None
+
+    @model_validator(mode="after")
+    def _templates_declared(self) -> CompositeConfig:
+        for name, source in self.sources.items():
+            missing = source.template_fields() - set(self.params)
+            if missing:
+                raise ValueError(f"source '{name}' uses undeclared params: {', '.join(sorted(missing))}")
+        return self
+
+
+class ServerSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    # Longer than the idle timeout of the load balancers usually in front (AWS ALB: 60 s), so that they, not
+    # the gateway, close idle connections: a gateway closing first races a request the proxy just sent.
+    keepalive_timeout_s: float = Field(75.0, gt=0, le=3600)
+    drain_delay_s: float = Field(5.0, ge=0, le=600)
+    drain_timeout_s: float = Field(20.0, ge=0, le=3600)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["json", "text"] = "json"
+
+
+class LimitSettings(_Section):
+    max_sources: int = Field(16, ge=1, le=1000)
+    max_body_bytes: int = Field(1024 * 1024, ge=1024)
+    default_deadline_ms: PositiveMs = 1_000.0
+    max_deadline_ms: PositiveMs = 10_000.0
+
+
+class HttpClientSettings(_Section):
+    max_connections: int = Field(256, ge=1, le=100_000, description="All upstreams together.")
+    max_in_flight: int = Field(256, ge=1, le=100_000, description="Global limit on upstream calls.")
+
+
+class DatabaseSettings(_Section):
+    executor_threads: int = Field(default_factory=default_io_threads, ge=1, le=1024)
+    queue_limit: int = Field(64, ge=0, le=100_000, description="Queries waiting for a thread, at most.")
+    min_connections: int = Field(2, ge=0)
+    connect_timeout_s: float = Field(3.0, gt=0, le=60)
+    statement_timeout_ms: PositiveMs = 5_000.0
+    startup_check: bool = Field(True, description="Refuse to start when the database cannot be reached.")
+
+    @model_validator(mode="after")
+    def _min_within_pool(self) -> DatabaseSettings:
+        if self.min_connections > self.executor_threads:
+            raise ValueError("min_connections must not exceed executor_threads (the pool size)")
+        return self
+
+
+class ComputeSettings(_Section):
+    enabled: bool = Field(True, description="Off for an aggregation-only gateway: no worker processes at all.")
+    workers: int = Field(default_factory=default_cpu_workers, ge=1, le=256)
+    queue_limit: int = Field(16, ge=0, le=10_000, description="Jobs waiting for a worker, at most.")
+    start_method: Literal["spawn", "forkserver"] = "forkserver"
+    max_tasks_per_child: int = Field(1_000, ge=0, description="Recycle a worker after this many jobs; 0: never.")
+    job_timeout_s: float = Field(30.0, gt=0, le=3600)
+
+
+class Settings(BaseSettings):
+    """The whole validated configuration of one gateway process."""
+
+    model_config = SettingsConfigDict(env_prefix="GATEWAY_", env_nested_delimiter="__", extra="forbid")
+
+    database_url: SecretStr | None = None
+    server: ServerSettings = ServerSettings()
+    limits: LimitSettings = LimitSettings()
+    http: HttpClientSettings = HttpClientSettings()
+    database: DatabaseSettings = DatabaseSettings()
+    compute: ComputeSettings = ComputeSettings()
+    upstreams: dict[Name, UpstreamConfig] = Field(default_factory=dict)
+    queries: dict[Name, QueryConfig] = Field(default_factory=dict)
+    composites: dict[Name, CompositeConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Explicit construction reads nothing else; load_settings() merges the file and the environment itself.
+        return (init_settings,)
+
+    @model_validator(mode="after")
+    def _references_resolve(self) -> Settings:
+        problems: list[str] = []
+        if self.queries and self.database_url is None:
+            problems.append("queries are configured but database_url (GATEWAY_DATABASE_URL) is not set")
+        for cname, composite in self.composites.items():
+            for sname, source in composite.sources.items():
+                if source.upstream is not None and source.upstream not in self.upstreams:
+                    problems.append(f"composite '{cname}' source '{sname}': unknown upstream '{source.upstream}'")
+                if source.query is not None:
+                    query = self.queries.get(source.query)
+                    if query is None:
+                        problems.append(f"composite '{cname}' source '{sname}': unknown query '{source.query}'")
+                    elif set(query.params) - set(source.params):
+                        missing = ", ".join(sorted(set(query.params) - set(source.params)))
+                        problems.append(f"composite '{cname}' source '{sname}': missing query params {missing}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def db_pool_size(self) -> int:
+        # One connection per executor thread: psycopg2's pool never waits, so this makes PoolError impossible.
+        return self.database.executor_threads
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = ".".join(str(part) for part in err["loc"])
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    return f"{loc}: {msg}" if loc else msg
+
+
+def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings:
+    """Read the config file (TOML), overlay ``GATEWAY_*`` variables, and validate everything at once.
+
+    Raises ConfigError listing one message per problem, each naming its key path.
+    """
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except OSError as exc:
+            raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+    if environ:
+        env = EnvSettingsSource(Settings, env_prefix="GATEWAY_", env_nested_delimiter="__", case_sensitive=False)()
+        data = _deep_merge(data, env)
+    try:
+        return Settings(**data)
+    except ValidationError as exc:
+        raise ConfigError([_format_error(dict(e)) for e in exc.errors()]) from exc

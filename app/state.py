@@ -1,0 +1,45 @@
+"""The one typed object that holds every long-lived resource of a running gateway."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from app.compute.pool import CpuPool
+from app.db.pool import Database
+from app.errors import ResourceClosedError
+from app.lifecycle.readiness import Readiness
+from app.observability.metrics import Metrics
+from app.settings import Settings
+from app.upstream.session import HttpSession
+
+
+@dataclass
+class GatewayState:
+    settings: Settings
+    readiness: Readiness
+    metrics: Metrics
+    http: HttpSession | None = None
+    db: Database | None = None
+    cpu: CpuPool | None = None
+
+    def require_db(self) -> Database:
+        if self.db is None:
+            raise ResourceClosedError("no database is configured")
+        return self.db
+
+    def require_cpu(self) -> CpuPool:
+        if self.cpu is None:
+            raise ResourceClosedError("the CPU pool is not running")
+        return self.cpu
+
+    def require_http(self) -> HttpSession:
+        if self.http is None:
+            raise ResourceClosedError("the HTTP session is not open")
+        return self.http
+
+
+def get_state(request: Request) -> GatewayState:
+    state: GatewayState = request.app.state.gateway
+    return state

@@ -1,0 +1,1 @@
+"""Upstream HTTP services: one shared aiohttp session, calls run on the event loop."""

@@ -1,0 +1,108 @@
+"""One HTTP attempt against one upstream: bounded in time and in body size, errors mapped to their own types."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+from yarl import URL
+
+from app.errors import (
+    BadResponseError,
+    ResponseTooLargeError,
+    UpstreamConnectError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+
+_READ_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    data: Any
+    headers: Mapping[str, str]
+
+
+async def call_once(
+    session: aiohttp.ClientSession,
+    *,
+    upstream: str,
+    method: str,
+    url: URL,
+    params: Mapping[str, str],
+    body: Any,
+    headers: Mapping[str, str],
+    timeout_s: float,
+    connect_timeout_s: float,
+    max_bytes: int,
+) -> Reply:
+    """Send one request and read its JSON reply.
+
+    Raises UpstreamTimeoutError, UpstreamConnectError, ResponseTooLargeError, BadResponseError, and
+    UpstreamStatusError for 5xx and 429 (callers decide whether to retry); 4xx other than 429 are replies.
+    """
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
+    data = None if body is None else orjson.dumps(body)
+    send_headers = dict(headers)
+    if data is not None:
+        send_headers["Content-Type"] = "application/json"
+    try:
+        async with session.request(
+            method,
+            url,
+            params=params,
+            data=data,
+            headers=send_headers,
+            timeout=timeout,
+            allow_redirects=False,  # a redirect could point anywhere; it is returned as the upstream's answer
+        ) as resp:
+            raw = await _read_capped(resp, upstream, max_bytes)
+            status = resp.status
+            reply_headers = {k.lower(): v for k, v in resp.headers.items()}
+    except TimeoutError as exc:
+        raise UpstreamTimeoutError(f"{upstream} did not answer within {timeout_s * 1000:.0f} ms") from exc
+    except aiohttp.ClientResponseError as exc:
+        raise BadResponseError(f"{upstream} sent an invalid HTTP response: {exc.message}") from exc
+    except aiohttp.ClientPayloadError as exc:
+        raise BadResponseError(f"{upstream} sent a broken body: {exc}") from exc
+    except (aiohttp.ClientConnectionError, OSError) as exc:
+        raise UpstreamConnectError(f"{upstream}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+    if status >= 500 or status == 429:
+        raise UpstreamStatusError(f"{upstream} answered {status}", status=status)
+    return Reply(status=status, data=_decode(raw, reply_headers, upstream), headers=reply_headers)
+
+
+async def _read_capped(resp: aiohttp.ClientResponse, upstream: str, max_bytes: int) -> bytes:
+    declared = resp.content_length
+    if declared is not None and declared > max_bytes:
+        raise ResponseTooLargeError(
+            f"{upstream} declared {declared} bytes, over the {max_bytes} byte cap", status=resp.status
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in resp.content.iter_chunked(_READ_CHUNK):
+        size += len(chunk)
+        if size > max_bytes:
+            raise ResponseTooLargeError(f"{upstream} sent more than the {max_bytes} byte cap", status=resp.status)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode(raw: bytes, headers: Mapping[str, str], upstream: str) -> Any:
+    if not raw:
+        return None
+    ctype = headers.get("content-type", "")
+    if "json" not in ctype:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError as exc:
+            raise BadResponseError(f"{upstream} sent a non-text body of type {ctype or 'unknown'}") from exc
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadResponseError(f"{upstream} sent invalid JSON: {exc}") from exc

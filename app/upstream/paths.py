@@ -1,0 +1,50 @@
+"""Path confinement: a client names a path on a configured upstream, never a host, a scheme or a way out."""
+
+from __future__ import annotations
+
+from urllib.parse import quote, unquote
+
+from yarl import URL
+
+# Characters RFC 3986 allows unescaped in a path segment; everything else is percent-encoded on the way out.
+_SAFE = "/:@!$&'()*+,;=-._~"
+
+
+class UnsafePathError(ValueError):
+    pass
+
+
+def confine_path(path: str) -> str:
+    """Validate a client-supplied path and return it normalised and percent-encoded.
+
+    Raises UnsafePathError for anything that could leave the upstream's origin or its base path: absolute URLs,
+    scheme-relative ``//host``, backslashes, ``.``/``..`` segments (also percent-encoded, also double-encoded),
+    empty segments, control characters, and query strings or fragments (query parameters go in ``params``).
+    """
+    if not path.startswith("/"):
+        raise UnsafePathError("path must start with '/'")
+    decoded = unquote(path, errors="strict")
+    if unquote(decoded, errors="strict") != decoded:
+        raise UnsafePathError("path must not be percent-encoded twice")
+    if any(ord(ch) < 0x20 or ord(ch) == 0x7F for ch in decoded):
+        raise UnsafePathError("path must not contain control characters")
+    for bad, why in (("\\", "backslashes"), ("?", "a query string (use params)"), ("#", "a fragment")):
+        if bad in decoded:
+            raise UnsafePathError(f"path must not contain {why}")
+    segments = decoded.split("/")[1:]
+    if any(seg in (".", "..") for seg in segments):
+        raise UnsafePathError("path must not contain '.' or '..' segments")
+    if any(seg == "" for seg in segments[:-1]):
+        raise UnsafePathError("path must not contain empty segments ('//')")
+    return quote(decoded, safe=_SAFE)
+
+
+def join_url(base_url: str, confined_path: str) -> URL:
+    """Join a configured base URL and a confined path, and check the result stayed on the base's origin."""
+    base = URL(base_url)
+    url = URL(base_url + confined_path, encoded=True)
+    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+        raise UnsafePathError("path leaves the upstream's origin")
+    if not url.raw_path.startswith(base.raw_path.rstrip("/") + "/") and url.raw_path != base.raw_path:
+        raise UnsafePathError("path leaves the upstream's base path")
+    return url

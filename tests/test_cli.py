@@ -1,0 +1,62 @@
+"""`gateway serve` as a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import signal
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from tests.support.gateway import gateway_process
+
+
+def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, pg_dsn: str) -> None:
+    config = tmp_path / "gateway.toml"
+    config.write_text("""
+[server]
+drain_delay_s = 0
+log_format = "json"
+[compute]
+workers = 1
+[database]
+executor_threads = 2
+min_connections = 1
+""")
+    with gateway_process(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn}) as gw:
+        with urllib.request.urlopen(f"{gw.url}/readyz") as resp:
+            assert json.load(resp) == {"status": "ready", "not_ready": []}
+        with urllib.request.urlopen(f"{gw.url}/metrics") as resp:
+            text = resp.read().decode()
+            assert "gateway_event_loop_lag_seconds_bucket" in text
+            assert "gateway_ready 1.0" in text
+        children = psutil.Process(gw.proc.pid).children(recursive=True)
+        assert children, "the CPU pool runs worker processes"
+        gw.signal(signal.SIGTERM)
+        code = gw.wait(timeout=30)
+    assert code == 0, gw.stderr()
+    assert psutil.wait_procs(children, timeout=5)[1] == []
+    stderr = gw.stderr()
+    assert "Traceback" not in stderr
+    assert "leaked" not in stderr
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    assert any(entry.get("event") == "ready" for entry in lines)
+
+
+def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    config = tmp_path / "bad.toml"
+    config.write_text("[upstreams.x]\nbase_url = 'nope'\n")
+    res = subprocess.run(
+        [sys.executable, "-m", "app", "serve", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert res.returncode == 2
+    assert "upstreams.x.base_url" in res.stderr
+    assert "Traceback" not in res.stderr
