@@ -9,6 +9,7 @@ GatewayError
 │   │   └── ValidationFailedError  422: the request is well-formed but its values are wrong
 │   ├── NotFoundError           404
 │   ├── PayloadTooLargeError    413
+    │   ├── ClientDisconnectedError 499: the client went away; its work was cancelled (nobody reads the answer)
 │   └── OverloadedError         503 + Retry-After: a bounded queue is full; the work was never started
 └── SourceError                 one source of an aggregate failed; reported per source, never as HTTP
     ├── UpstreamError
@@ -86,6 +87,12 @@ class PayloadTooLargeError(ProblemError):
     title = "Payload too large"
 
 
+class ClientDisconnectedError(ProblemError):
+    status = 499
+    type = "client-disconnected"
+    title = "Client disconnected"
+
+
 class OverloadedError(ProblemError):
     status = 503
     type = "overloaded"
@@ -108,6 +115,7 @@ class SourceError(GatewayError):
         super().__init__(message)
         self.message = message
         self.status = status
+        self.attempts = 1
 
 
 class UpstreamError(SourceError):
@@ -124,6 +132,7 @@ class UpstreamConnectError(UpstreamError):
 
 class UpstreamStatusError(UpstreamError):
     kind = "upstream_status"
+    retry_after: str | None = None
 
 
 class ResponseTooLargeError(UpstreamError):

@@ -6,6 +6,8 @@ from fastapi import FastAPI
 
 from app import __version__, problems
 from app.lifecycle.lifespan import build_lifespan
+from app.middleware.body_limit import BodyLimitMiddleware
+from app.middleware.request_id import RequestIdMiddleware
 from app.responses import JSONResponse
 from app.routes import aggregate, health, metrics, transform
 from app.settings import Settings
@@ -20,6 +22,9 @@ def create_app(settings: Settings) -> FastAPI:
     )
     app.state.settings = settings
     problems.install(app)
+    # Added last = outermost: the request id is set before anything else runs, so even a 413 carries one.
+    app.add_middleware(BodyLimitMiddleware, default=settings.limits.max_body_bytes)
+    app.add_middleware(RequestIdMiddleware)
     for module in (health, metrics, aggregate, transform):
         app.include_router(module.router)
     return app

@@ -30,6 +30,22 @@ Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
 ParamType = Literal["int", "float", "str", "bool"]
 PositiveMs = Annotated[float, Field(gt=0, le=3_600_000)]
 
+# Headers no allowlist can forward: they belong to the connection or are set by the gateway itself.
+_NEVER_FORWARDED = frozenset(
+    {
+        "host",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+        "keep-alive",
+        "proxy-authorization",
+        "x-request-deadline-ms",
+        "x-request-id",
+        "traceparent",
+    }
+)
 _SQL_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 _TEMPLATE_FIELD = re.compile(r"\{(\w+)\}")
 
@@ -81,7 +97,11 @@ class UpstreamConfig(_Section):
     @field_validator("forward_headers")
     @classmethod
     def _lower_headers(cls, value: list[str]) -> list[str]:
-        return [h.lower() for h in value]
+        lowered = [h.lower() for h in value]
+        hop = sorted(set(lowered) & _NEVER_FORWARDED)
+        if hop:
+            raise ValueError(f"these headers can never be forwarded: {', '.join(hop)}")
+        return lowered
 
 
 class QueryConfig(_Section):
@@ -231,6 +251,20 @@ class Settings(BaseSettings):
                     elif set(query.params) - set(source.params):
                         missing = ", ".join(sorted(set(query.params) - set(source.params)))
                         problems.append(f"composite '{cname}' source '{sname}': missing query params {missing}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _limits_fit_the_connector(self) -> Settings:
+        # A semaphore larger than the connector's limit would let calls queue inside aiohttp, where the wait counts
+        # against the upstream's timeout and looks like a slow upstream.
+        problems = []
+        if self.http.max_in_flight > self.http.max_connections:
+            problems.append("http.max_in_flight must not exceed http.max_connections")
+        for name, up in self.upstreams.items():
+            if up.max_concurrency > self.http.max_connections:
+                problems.append(f"upstreams.{name}.max_concurrency must not exceed http.max_connections")
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -12,6 +12,7 @@ from app.errors import ResourceClosedError
 from app.lifecycle.readiness import Readiness
 from app.observability.metrics import Metrics
 from app.settings import Settings
+from app.upstream.client import UpstreamClient
 from app.upstream.session import HttpSession
 
 
@@ -21,6 +22,7 @@ class GatewayState:
     readiness: Readiness
     metrics: Metrics
     http: HttpSession | None = None
+    upstreams: UpstreamClient | None = None
     db: Database | None = None
     cpu: CpuPool | None = None
 
@@ -33,6 +35,11 @@ class GatewayState:
         if self.cpu is None:
             raise ResourceClosedError("the CPU pool is not running")
         return self.cpu
+
+    def require_upstreams(self) -> UpstreamClient:
+        if self.upstreams is None:
+            raise ResourceClosedError("the upstream client is not running")
+        return self.upstreams
 
     def require_http(self) -> HttpSession:
         if self.http is None:

@@ -4,163 +4,264 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 from app.aggregate.models import AggregateRequest, QuerySourceSpec, SourceResult, UpstreamSourceSpec
 from app.db.pool import Database
-from app.db.queries import bind
-from app.errors import DeadlineExceededError, SourceError, ValidationFailedError
-from app.settings import QueryConfig, Settings, UpstreamConfig
-from app.upstream.call import call_once
+from app.db.queries import bind, coerce
+from app.errors import (
+    DatabaseUnavailableError,
+    DeadlineExceededError,
+    NotFoundError,
+    SourceError,
+    ValidationFailedError,
+)
+from app.settings import CompositeConfig, CompositeSource, QueryConfig, Settings
+from app.upstream.client import Outbound, Progress, UpstreamClient
 from app.upstream.paths import UnsafePathError, confine_path, join_url
-from app.upstream.session import HttpSession
 
 
 @dataclass(frozen=True)
 class UpstreamPlan:
-    name: str
-    config: UpstreamConfig
-    spec: UpstreamSourceSpec
-    path: str
+    upstream: str
+    out: Outbound
+    fields: tuple[str, ...] | None = None
+    required: bool = False
 
 
 @dataclass(frozen=True)
 class QueryPlan:
-    name: str
+    query: str
     config: QueryConfig
     params: dict[str, Any]
+    fields: tuple[str, ...] | None = None
+    required: bool = False
 
 
 Plan = UpstreamPlan | QueryPlan
 
 
+class _Problems:
+    def __init__(self) -> None:
+        self.errors: list[dict[str, Any]] = []
+
+    def add(self, loc: str, msg: str, type_: str) -> None:
+        self.errors.append({"loc": loc, "msg": msg, "type": type_})
+
+    def raise_if_any(self, what: str) -> None:
+        if self.errors:
+            raise ValidationFailedError(f"{len(self.errors)} problem(s) in the {what}", errors=self.errors)
+
+
+def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, problems: _Problems) -> UpstreamPlan | None:
+    upstream = settings.upstreams.get(spec.upstream)
+    if upstream is None:
+        problems.add(f"{loc}.upstream", f"unknown upstream '{spec.upstream}'", "unknown_upstream")
+        return None
+    try:
+        path = confine_path(spec.path)
+        join_url(upstream.base_url, path)
+    except (UnsafePathError, UnicodeDecodeError) as exc:
+        problems.add(f"{loc}.path", str(exc), "unsafe_path")
+        return None
+    refused = sorted(h for h in spec.headers if h.lower() not in upstream.forward_headers)
+    if refused:
+        problems.add(
+            f"{loc}.headers", f"headers not allowed for this upstream: {', '.join(refused)}", "header_not_allowed"
+        )
+        return None
+    params = {k: _text(v) for k, v in spec.params.items()}
+    return UpstreamPlan(spec.upstream, Outbound(spec.method, path, params, spec.body, dict(spec.headers)))
+
+
 def plan_request(settings: Settings, request: AggregateRequest) -> dict[str, Plan]:
     """Resolve every source against the config. Raises ValidationFailedError naming each problem."""
-    errors: list[dict[str, Any]] = []
+    problems = _Problems()
     if len(request.sources) > settings.limits.max_sources:
-        errors.append(
-            {
-                "loc": "sources",
-                "msg": f"at most {settings.limits.max_sources} sources per request",
-                "type": "too_many_sources",
-            }
-        )
+        problems.add("sources", f"at most {settings.limits.max_sources} sources per request", "too_many_sources")
+        problems.raise_if_any("aggregate request")
     plans: dict[str, Plan] = {}
     for name, spec in request.sources.items():
         loc = f"sources.{name}"
+        plan: Plan | None
         if isinstance(spec, UpstreamSourceSpec):
-            upstream = settings.upstreams.get(spec.upstream)
-            if upstream is None:
-                errors.append(
-                    {"loc": f"{loc}.upstream", "msg": f"unknown upstream '{spec.upstream}'", "type": "unknown_upstream"}
-                )
-                continue
-            try:
-                path = confine_path(spec.path)
-                join_url(upstream.base_url, path)
-            except (UnsafePathError, UnicodeDecodeError) as exc:
-                errors.append({"loc": f"{loc}.path", "msg": str(exc), "type": "unsafe_path"})
-                continue
-            refused = sorted(h for h in spec.headers if h.lower() not in upstream.forward_headers)
-            if refused:
-                errors.append(
-                    {
-                        "loc": f"{loc}.headers",
-                        "msg": f"headers not allowed: {', '.join(refused)}",
-                        "type": "header_not_allowed",
-                    }
-                )
-                continue
-            plans[name] = UpstreamPlan(name, upstream, spec, path)
+            plan = _plan_upstream(settings, loc, spec, problems)
         else:
-            assert isinstance(spec, QuerySourceSpec)
-            query = settings.queries.get(spec.query)
-            if query is None:
-                errors.append({"loc": f"{loc}.query", "msg": f"unknown query '{spec.query}'", "type": "unknown_query"})
-                continue
-            bound, problems = bind(query, dict(spec.params))
-            errors.extend({"loc": f"{loc}.params", "msg": p, "type": "bad_param"} for p in problems)
-            if not problems:
-                plans[name] = QueryPlan(spec.query, query, bound)
-    if errors:
-        raise ValidationFailedError(f"{len(errors)} problem(s) in the aggregate request", errors=errors)
+            plan = _plan_query(settings, loc, spec, problems)
+        if plan is not None:
+            plans[name] = plan
+    problems.raise_if_any("aggregate request")
     return plans
+
+
+def _plan_query(settings: Settings, loc: str, spec: QuerySourceSpec, problems: _Problems) -> QueryPlan | None:
+    query = settings.queries.get(spec.query)
+    if query is None:
+        problems.add(f"{loc}.query", f"unknown query '{spec.query}'", "unknown_query")
+        return None
+    bound, errors = bind(query, dict(spec.params))
+    for msg in errors:
+        problems.add(f"{loc}.params", msg, "bad_param")
+    return None if errors else QueryPlan(spec.query, query, bound)
+
+
+def plan_composite(settings: Settings, name: str, query: Mapping[str, str]) -> tuple[CompositeConfig, dict[str, Plan]]:
+    """Fill a declared composite's templates from typed query parameters.
+
+    Raises NotFoundError for an unknown composite, ValidationFailedError for missing, unknown or mistyped params.
+    """
+    composite = settings.composites.get(name)
+    if composite is None:
+        raise NotFoundError(f"unknown composite '{name}'")
+    problems = _Problems()
+    values: dict[str, Any] = {}
+    for key in query:
+        if key not in composite.params:
+            problems.add(f"query.{key}", f"unknown parameter '{key}'", "unknown_param")
+    for key, type_ in composite.params.items():
+        if key not in query:
+            problems.add(f"query.{key}", f"missing parameter '{key}' ({type_})", "missing_param")
+            continue
+        try:
+            values[key] = coerce(query[key], type_)
+        except ValueError as exc:
+            problems.add(f"query.{key}", f"parameter '{key}': {exc}", "bad_param")
+    problems.raise_if_any("composite request")
+    plans: dict[str, Plan] = {}
+    for sname, source in composite.sources.items():
+        plan = _plan_composite_source(settings, f"sources.{sname}", source, values, problems)
+        if plan is not None:
+            plans[sname] = plan
+    problems.raise_if_any("composite request")
+    return composite, plans
+
+
+def _plan_composite_source(
+    settings: Settings, loc: str, source: CompositeSource, values: dict[str, Any], problems: _Problems
+) -> Plan | None:
+    fields = tuple(source.fields) if source.fields is not None else None
+    if source.upstream is not None:
+        assert source.path is not None
+        # Each value is percent-encoded whole, so a value can never add a path segment or a '..'.
+        path = source.path.format_map({k: quote(_text(v), safe="") for k, v in values.items()})
+        spec = UpstreamSourceSpec(
+            upstream=source.upstream,
+            path=path,
+            method=source.method,
+            params={k: _fill(t, values) for k, t in source.params.items()},
+        )
+        plan = _plan_upstream(settings, loc, spec, problems)
+        if plan is None:
+            return None
+        return UpstreamPlan(plan.upstream, plan.out, fields, source.required)
+    assert source.query is not None
+    qplan = _plan_query(
+        settings,
+        loc,
+        QuerySourceSpec(query=source.query, params={k: _fill(t, values) for k, t in source.params.items()}),
+        problems,
+    )
+    if qplan is None:
+        return None
+    return QueryPlan(qplan.query, qplan.config, qplan.params, fields, source.required)
+
+
+def _fill(template: str, values: dict[str, Any]) -> Any:
+    # A template that is exactly one placeholder keeps the typed value; anything else becomes text.
+    if template.startswith("{") and template.endswith("}") and template[1:-1] in values:
+        return values[template[1:-1]]
+    return template.format_map({k: _text(v) for k, v in values.items()})
 
 
 def effective_deadline_s(settings: Settings, requested_ms: float | None) -> float:
     limits = settings.limits
-    ms = limits.default_deadline_ms if requested_ms is None else min(requested_ms, limits.max_deadline_ms)
-    return ms / 1000
+    ms = limits.default_deadline_ms if requested_ms is None else requested_ms
+    return min(ms, limits.max_deadline_ms) / 1000
 
 
 class Aggregator:
-    def __init__(self, settings: Settings, http: HttpSession, db: Database | None) -> None:
-        self._settings = settings
-        self._http = http
+    def __init__(self, upstreams: UpstreamClient, db: Database | None) -> None:
+        self._upstreams = upstreams
         self._db = db
 
-    async def run(self, plans: dict[str, Plan], deadline_s: float) -> dict[str, SourceResult]:
-        """Run every source concurrently; none outlives the deadline, and every source gets a result."""
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + deadline_s
+    async def run(
+        self, plans: Mapping[str, Plan], deadline_s: float, *, headers: Mapping[str, str]
+    ) -> dict[str, SourceResult]:
+        """Run every source concurrently; none outlives the deadline, and every source gets a result.
+
+        The TaskGroup is the structured part: if this coroutine is cancelled (the client went away), every
+        source task is cancelled with it, and upstream connections are closed.
+        """
+        deadline = asyncio.get_running_loop().time() + deadline_s
         results: dict[str, SourceResult] = {}
         async with asyncio.TaskGroup() as tg:
             for name, plan in plans.items():
-                tg.create_task(self._one(name, plan, deadline, results), name=f"source:{name}")
+                tg.create_task(self._one(name, plan, deadline, headers, results), name=f"source:{name}")
         return {name: results[name] for name in plans}
 
-    async def _one(self, name: str, plan: Plan, deadline: float, out: dict[str, SourceResult]) -> None:
+    async def _one(
+        self, name: str, plan: Plan, deadline: float, headers: Mapping[str, str], out: dict[str, SourceResult]
+    ) -> None:
         started = time.perf_counter()
-        attempts = 1
+        progress = Progress()
         try:
             async with asyncio.timeout_at(deadline):
-                status, data = await self._dispatch(plan, deadline)
-            out[name] = _ok(status, data, started, attempts)
+                if isinstance(plan, UpstreamPlan):
+                    result = await self._upstreams.call(
+                        plan.upstream, plan.out, deadline=deadline, headers=headers, progress=progress
+                    )
+                    status, data, attempts = result.status, result.data, result.attempts
+                else:
+                    progress.attempts = 1
+                    status, data, attempts = None, await self._query(plan, deadline), 1
+            out[name] = _ok(status, _select(data, plan.fields), started, attempts)
         except TimeoutError:
             err = DeadlineExceededError("the request's deadline passed before this source finished")
-            out[name] = _failed(err, started, attempts)
+            out[name] = _failed(err, started, max(1, progress.attempts))
         except SourceError as err:
-            out[name] = _failed(err, started, attempts)
+            out[name] = _failed(err, started, err.attempts)
 
-    def _dispatch(self, plan: Plan, deadline: float) -> Awaitable[tuple[int | None, Any]]:
-        if isinstance(plan, UpstreamPlan):
-            return self._upstream(plan, deadline)
-        return self._query(plan, deadline)
-
-    async def _upstream(self, plan: UpstreamPlan, deadline: float) -> tuple[int | None, Any]:
-        cfg = plan.config
-        remaining = deadline - asyncio.get_running_loop().time()
-        timeout_s = max(0.001, min(cfg.timeout_ms / 1000, remaining))
-        headers = {k: v for k, v in plan.spec.headers.items()}
-        headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
-        reply = await call_once(
-            self._http.session,
-            upstream=plan.spec.upstream,
-            method=plan.spec.method,
-            url=join_url(cfg.base_url, plan.path),
-            params={k: _text(v) for k, v in plan.spec.params.items()},
-            body=plan.spec.body,
-            headers=headers,
-            timeout_s=timeout_s,
-            connect_timeout_s=cfg.connect_timeout_ms / 1000,
-            max_bytes=cfg.max_response_bytes,
-        )
-        return reply.status, reply.data
-
-    async def _query(self, plan: QueryPlan, deadline: float) -> tuple[int | None, Any]:
+    async def _query(self, plan: QueryPlan, deadline: float) -> Any:
         if self._db is None:
-            raise SourceError("no database is configured")
+            raise DatabaseUnavailableError("no database is configured")
         remaining_ms = (deadline - asyncio.get_running_loop().time()) * 1000
         timeout_ms = max(1.0, min(plan.config.timeout_ms, remaining_ms))
         result = await self._db.fetch(
             plan.config.sql, plan.params, timeout_ms=timeout_ms, max_rows=plan.config.max_rows
         )
-        return None, result.rows
+        return result.rows
 
 
-def _text(value: str | int | float | bool) -> str:
+def merge_flat(results: Mapping[str, SourceResult]) -> dict[str, Any]:
+    """One flat object: the keys of every successful object result, later sources never overwriting earlier
+    ones (a clash is kept under "<source>.<key>"); non-object results sit under their source's name."""
+    merged: dict[str, Any] = {}
+    for name, result in results.items():
+        data = result["data"]
+        if not result["ok"]:
+            continue
+        if isinstance(data, dict):
+            for key, value in data.items():
+                merged[key if key not in merged else f"{name}.{key}"] = value
+        else:
+            merged[name] = data
+    return merged
+
+
+def _select(data: Any, fields: tuple[str, ...] | None) -> Any:
+    if fields is None:
+        return data
+    if isinstance(data, dict):
+        return {k: data[k] for k in fields if k in data}
+    if isinstance(data, list):
+        return [_select(item, fields) for item in data]
+    return data
+
+
+def _text(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     return str(value)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg2
@@ -48,6 +50,7 @@ class Database:
         self._dsn = dsn
         self._settings = settings
         self._executor = BoundedExecutor(name="db", workers=settings.executor_threads, queue_limit=settings.queue_limit)
+        self._canceller = BoundedExecutor(name="db-cancel", workers=2, queue_limit=settings.executor_threads)
         self._pool: ThreadedConnectionPool | None = None
         self._closed = False
 
@@ -100,20 +103,47 @@ class Database:
 
         Raises SourceOverloadedError when the executor queue is full, DatabaseUnavailableError when no connection
         can be had, QueryTimeoutError when statement_timeout cancels it, DatabaseError for any other failure.
+        When the awaiting coroutine is cancelled (deadline, client gone), a queued query is dropped and a running
+        one is cancelled on the server, so no query outlives its request.
         """
         if self._closed:
             raise ResourceClosedError("database is closed")
+        job = _Job()
         try:
-            return await self._executor.run(lambda: self._fetch(sql, params, timeout_ms, max_rows))
+            future = self._executor.submit(lambda: self._fetch(job, sql, params, timeout_ms, max_rows))
         except ExecutorFullError as exc:
             raise SourceOverloadedError("database executor queue is full") from exc
+        try:
+            # Cancelling this await cancels a job that has not started (its queue slot frees at once); a running
+            # job goes on in its thread, so the server-side cancel below is what stops it.
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            self._cancel_on_server(job)
+            raise
 
-    def _fetch(self, sql: str, params: Mapping[str, Any], timeout_ms: float, max_rows: int) -> QueryResult:
+    def _cancel_on_server(self, job: _Job) -> None:
+        with job.lock:
+            job.cancelled = True
+            if job.conn is None:
+                return
+        try:
+            # connection.cancel() is a blocking network round trip: never on the loop, and not in the query
+            # executor, whose threads may all be busy with the very queries to cancel.
+            self._canceller.submit(lambda: _cancel_if_owned(job))
+        except (ExecutorFullError, ResourceClosedError):
+            log.warning("query cancel skipped: canceller busy; statement_timeout will end the query")
+
+    def _fetch(self, job: _Job, sql: str, params: Mapping[str, Any], timeout_ms: float, max_rows: int) -> QueryResult:
         started = time.perf_counter()
         # A connection that died while idle in the pool (server restart) fails on first use; an idempotent read
         # is retried once on a fresh connection.
         for attempt in (1, 2):
             conn = self._getconn()
+            with job.lock:
+                if job.cancelled:
+                    self._putconn(conn, close=False)
+                    raise QueryTimeoutError("query cancelled before it started")
+                job.conn = conn
             discard = False
             try:
                 with conn.cursor() as cur:
@@ -130,12 +160,17 @@ class Database:
             except (psycopg2.OperationalError, psycopg2.InterfaceError) as exc:
                 discard = True
                 if attempt == 1 and _connection_lost(conn):
+                    # After a server restart every idle pooled connection is dead too: drop them all.
+                    self._purge_idle()
                     continue
                 raise DatabaseUnavailableError(f"database connection failed: {_one_line(exc)}") from exc
             except psycopg2.Error as exc:
                 discard = _rollback(conn) is False
                 raise DatabaseError(f"query failed: {_one_line(exc)}") from exc
             finally:
+                # Detach under the lock first: a late cancel must never hit the next query on this connection.
+                with job.lock:
+                    job.conn = None
                 self._putconn(conn, close=discard or bool(conn.closed))
         raise AssertionError("unreachable")
 
@@ -154,6 +189,17 @@ class Database:
             conn.close()
             return
         pool.putconn(conn, close=close)
+
+    def _purge_idle(self) -> None:
+        pool = self._pool
+        if pool is None or pool.closed:
+            return
+        # psycopg2 offers no API for this; its idle list and lock are stable across its 2.x releases.
+        with pool._lock:  # type: ignore[attr-defined]
+            idle: list[psycopg2.extensions.connection] = list(pool._pool)  # type: ignore[attr-defined]
+            pool._pool.clear()  # type: ignore[attr-defined]
+        for conn in idle:
+            conn.close()
 
     def _require_pool(self) -> ThreadedConnectionPool:
         if self._pool is None or self._closed:
@@ -175,9 +221,28 @@ class Database:
             return
         self._closed = True
         await self._executor.aclose()
+        await self._canceller.aclose()
         pool = self._pool
         if pool is not None and not pool.closed:
             await run_in_own_thread(pool.closeall, name="db-pool-close")
+
+
+@dataclass
+class _Job:
+    """One query's link between the awaiting coroutine and the thread running it."""
+
+    conn: psycopg2.extensions.connection | None = None
+    cancelled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _cancel_if_owned(job: _Job) -> None:
+    with job.lock:
+        if job.conn is not None:
+            try:
+                job.conn.cancel()
+            except psycopg2.Error as exc:
+                log.warning("query cancel failed: %s", _one_line(exc))
 
 
 def _rows(cur: psycopg2.extensions.cursor, limit: int) -> list[Row]:

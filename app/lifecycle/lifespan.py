@@ -3,9 +3,10 @@
 Order and why:
   1. metrics          everything after it reports into the registry
   2. http             the shared aiohttp session
-  3. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
-  4. cpu_pool         worker processes, pre-warmed
-  5. loop_lag         background sampler task
+  3. upstreams        limits, breakers and retry budgets per upstream (and a thread for decoding large bodies)
+  4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
+  5. cpu_pool         worker processes, pre-warmed
+  6. loop_lag         background sampler task
 Closing runs backwards: background tasks stop, workers finish and exit, the DB executor finishes its running
 queries before the pool closes its connections, then the HTTP session closes.
 """
@@ -26,6 +27,7 @@ from app.observability.looplag import LoopLagSampler
 from app.observability.metrics import CallbackGauges, Metrics
 from app.settings import Settings
 from app.state import GatewayState
+from app.upstream.client import UpstreamClient
 from app.upstream.session import HttpSession
 
 log = logging.getLogger("app.lifecycle")
@@ -50,7 +52,7 @@ class _NoStart:
 
 
 def expected_resources(settings: Settings) -> list[str]:
-    names = ["metrics", "http"]
+    names = ["metrics", "http", "upstreams"]
     if settings.database_url is not None:
         names.append("database")
     if settings.compute.enabled:
@@ -100,6 +102,8 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
 
             state.http = HttpSession(settings.http)
             await _open(stack, readiness, "http", state.http)
+            state.upstreams = UpstreamClient(settings, state.http)
+            await _open(stack, readiness, "upstreams", state.upstreams)
 
             if settings.database_url is not None:
                 state.db = Database(settings.database_url.get_secret_value(), settings.database)

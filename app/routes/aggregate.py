@@ -1,25 +1,95 @@
-"""POST /aggregate: fan one request out to configured upstreams and named queries."""
+"""/aggregate: fan one request out to configured upstreams and named queries."""
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable, Mapping
+from typing import TypeVar
+
 from fastapi import APIRouter, Request
 
-from app.aggregate.models import AggregateRequest
-from app.aggregate.service import Aggregator, effective_deadline_s, plan_request
+from app.aggregate.models import AggregateRequest, SourceResult
+from app.aggregate.service import Aggregator, Plan, effective_deadline_s, merge_flat, plan_composite, plan_request
+from app.errors import ClientDisconnectedError, ValidationFailedError
+from app.middleware.request_id import request_id_of
 from app.responses import JSONResponse
-from app.state import get_state
+from app.state import GatewayState, get_state
 
 router = APIRouter(tags=["aggregate"])
+
+T = TypeVar("T")
 
 
 @router.post("/aggregate")
 async def aggregate(body: AggregateRequest, request: Request) -> JSONResponse:
+    """Run the sources named in the body. 200 for a valid request, whatever each source's outcome."""
     state = get_state(request)
     plans = plan_request(state.settings, body)
-    aggregator = Aggregator(state.settings, state.require_http(), state.db)
-    results = await aggregator.run(plans, effective_deadline_s(state.settings, body.deadline_ms))
+    deadline_s = effective_deadline_s(state.settings, body.deadline_ms)
+    results = await _run(state, request, plans, deadline_s)
     complete = all(r["ok"] for r in results.values())
-    return JSONResponse(
-        {"complete": complete, "results": results},
-        headers={"X-Aggregate-Complete": "true" if complete else "false"},
-    )
+    return _respond({"complete": complete, "results": results}, complete, 200)
+
+
+@router.get("/aggregate/{composite}")
+async def aggregate_composite(composite: str, request: Request) -> JSONResponse:
+    """Run a composite declared in the config, its templates filled from the query string. 502 when a source
+    marked `required` failed."""
+    state = get_state(request)
+    query = dict(request.query_params)
+    if len(query) != len(request.query_params.multi_items()):
+        raise ValidationFailedError("each query parameter may be given once")
+    config, plans = plan_composite(state.settings, composite, query)
+    deadline_ms = config.deadline_ms if config.deadline_ms is not None else None
+    results = await _run(state, request, plans, effective_deadline_s(state.settings, deadline_ms))
+    complete = all(r["ok"] for r in results.values())
+    required_failed = any(not results[name]["ok"] for name, plan in plans.items() if plan.required)
+    content: dict[str, object] = {"complete": complete, "results": results}
+    if config.merge == "flat":
+        content = {
+            "complete": complete,
+            "data": merge_flat(results),
+            "results": {name: {k: v for k, v in r.items() if k != "data"} for name, r in results.items()},
+        }
+    return _respond(content, complete, 502 if required_failed else 200)
+
+
+def _respond(content: Mapping[str, object], complete: bool, status: int) -> JSONResponse:
+    return JSONResponse(dict(content), status_code=status, headers={"X-Aggregate-Complete": str(complete).lower()})
+
+
+async def _run(
+    state: GatewayState, request: Request, plans: Mapping[str, Plan], deadline_s: float
+) -> dict[str, SourceResult]:
+    aggregator = Aggregator(state.require_upstreams(), state.db)
+    headers = {"X-Request-ID": request_id_of(request.scope)}
+    return await until_disconnected(request, aggregator.run(plans, deadline_s, headers=headers))
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client goes away first; then cancel it (its upstream calls close their
+    connections, its queries are cancelled on the server) and raise ClientDisconnectedError.
+
+    FastAPI does not cancel a handler whose client disconnected; the body is already read here, so the next
+    ASGI receive() returns only when the client disconnects.
+    """
+    work_task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (watcher, work_task):
+            if not task.done():
+                task.cancel()
+        # Wait for both to finish cancelling, so no task outlives the request.
+        await asyncio.gather(watcher, work_task, return_exceptions=True)
+    if work_task in done:
+        return work_task.result()
+    raise ClientDisconnectedError("the client disconnected before the aggregate finished")
+
+
+async def _wait_for_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

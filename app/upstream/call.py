@@ -24,7 +24,7 @@ _READ_CHUNK = 64 * 1024
 @dataclass(frozen=True)
 class Reply:
     status: int
-    data: Any
+    body: bytes
     headers: Mapping[str, str]
 
 
@@ -41,10 +41,10 @@ async def call_once(
     connect_timeout_s: float,
     max_bytes: int,
 ) -> Reply:
-    """Send one request and read its JSON reply.
+    """Send one request and read its body, at most ``max_bytes`` of it.
 
     Raises UpstreamTimeoutError, UpstreamConnectError, ResponseTooLargeError, BadResponseError, and
-    UpstreamStatusError for 5xx and 429 (callers decide whether to retry); 4xx other than 429 are replies.
+    UpstreamStatusError for 5xx and 429 (callers decide whether to retry); every other status is a Reply.
     """
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
     data = None if body is None else orjson.dumps(body)
@@ -73,8 +73,10 @@ async def call_once(
     except (aiohttp.ClientConnectionError, OSError) as exc:
         raise UpstreamConnectError(f"{upstream}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
     if status >= 500 or status == 429:
-        raise UpstreamStatusError(f"{upstream} answered {status}", status=status)
-    return Reply(status=status, data=_decode(raw, reply_headers, upstream), headers=reply_headers)
+        err = UpstreamStatusError(f"{upstream} answered {status}", status=status)
+        err.retry_after = reply_headers.get("retry-after")
+        raise err
+    return Reply(status=status, body=raw, headers=reply_headers)
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, upstream: str, max_bytes: int) -> bytes:
@@ -93,7 +95,8 @@ async def _read_capped(resp: aiohttp.ClientResponse, upstream: str, max_bytes: i
     return b"".join(chunks)
 
 
-def _decode(raw: bytes, headers: Mapping[str, str], upstream: str) -> Any:
+def decode_body(raw: bytes, headers: Mapping[str, str], upstream: str) -> Any:
+    """JSON bodies become values; other text stays text. Raises BadResponseError."""
     if not raw:
         return None
     ctype = headers.get("content-type", "")

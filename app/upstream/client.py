@@ -1,0 +1,256 @@
+"""Calls to configured upstreams: concurrency limits, per-try timeouts within the deadline, retries with backoff
+and a budget, and a circuit breaker per upstream. Everything here runs on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from app.db.executor import BoundedExecutor, ExecutorFullError
+from app.errors import (
+    BadResponseError,
+    CircuitOpenError,
+    DeadlineExceededError,
+    ResponseTooLargeError,
+    SourceError,
+    UpstreamStatusError,
+    UpstreamTimeoutError,
+)
+from app.settings import Settings, UpstreamConfig
+from app.upstream.breaker import BreakerState, CircuitBreaker
+from app.upstream.call import Reply, call_once, decode_body
+from app.upstream.paths import join_url
+from app.upstream.retry import IDEMPOTENT_METHODS, RetryBudget, backoff_s, is_transient, parse_retry_after
+from app.upstream.session import HttpSession
+
+# Bodies larger than this are decoded in a thread: orjson holds the GIL, but the interpreter's switch interval
+# (5 ms) then lets the loop thread run between slices instead of waiting for the whole decode.
+DECODE_OFF_LOOP_BYTES = 256 * 1024
+# A retry is pointless when less than this is left before the deadline.
+MIN_ATTEMPT_S = 0.005
+
+
+class UpstreamObserver(Protocol):
+    """Metrics hook; every method is called on the event loop and must not block."""
+
+    def semaphore_wait(self, upstream: str, seconds: float) -> None: ...
+    def attempt(self, upstream: str, outcome: str, seconds: float) -> None: ...
+    def retry(self, upstream: str) -> None: ...
+    def budget_exhausted(self, upstream: str) -> None: ...
+    def breaker_transition(self, upstream: str, to: BreakerState) -> None: ...
+
+
+@dataclass
+class Upstream:
+    name: str
+    config: UpstreamConfig
+    semaphore: asyncio.Semaphore
+    breaker: CircuitBreaker
+    budget: RetryBudget
+    in_flight: int = 0
+
+
+@dataclass
+class Progress:
+    """Filled in as a call proceeds, so a caller cancelled by its deadline can still report the attempts."""
+
+    attempts: int = 0
+
+
+@dataclass(frozen=True)
+class Outbound:
+    method: str
+    path: str  # already confined (app.upstream.paths.confine_path)
+    params: Mapping[str, str] = field(default_factory=dict)
+    body: Any = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Result:
+    status: int
+    data: Any
+    attempts: int
+
+
+class UpstreamClient:
+    def __init__(
+        self,
+        settings: Settings,
+        http: HttpSession,
+        *,
+        observer: UpstreamObserver | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._http = http
+        self._observer = observer
+        self._rng = rng or random.Random()
+        self._global = asyncio.Semaphore(settings.http.max_in_flight)
+        self._decoder = BoundedExecutor(name="decode", workers=1, queue_limit=64)
+        self.upstreams = {name: self._make(name, cfg) for name, cfg in settings.upstreams.items()}
+
+    def _make(self, name: str, cfg: UpstreamConfig) -> Upstream:
+        def transition(to: BreakerState) -> None:
+            if self._observer is not None:
+                self._observer.breaker_transition(name, to)
+
+        return Upstream(
+            name=name,
+            config=cfg,
+            semaphore=asyncio.Semaphore(cfg.max_concurrency),
+            breaker=CircuitBreaker(cfg.breaker, on_transition=transition),
+            budget=RetryBudget(cfg.retry),
+        )
+
+    async def start(self) -> None:
+        return None
+
+    async def aclose(self) -> None:
+        await self._decoder.aclose()
+
+    async def call(
+        self, name: str, out: Outbound, *, deadline: float, headers: Mapping[str, str], progress: Progress
+    ) -> Result:
+        """Call upstream ``name`` until success, a non-transient failure, the deadline, or the retry budget.
+
+        Raises a SourceError leaf (its ``attempts`` set): CircuitOpenError, DeadlineExceededError,
+        UpstreamTimeoutError, UpstreamConnectError, UpstreamStatusError, ResponseTooLargeError, BadResponseError.
+        """
+        up = self.upstreams[name]
+        loop = asyncio.get_running_loop()
+        policy = up.config.retry
+        retryable_method = out.method in IDEMPOTENT_METHODS
+        up.budget.record_call()
+        attempt = 0
+        while True:
+            attempt += 1
+            progress.attempts = attempt
+            try:
+                reply = await self._attempt(up, out, deadline, headers)
+                if reply.status >= 300:
+                    raise UpstreamStatusError(f"{name} answered {reply.status}", status=reply.status)
+                data = await self._decode(reply, name)
+                return Result(status=reply.status, data=data, attempts=attempt)
+            except SourceError as err:
+                err.attempts = attempt
+                if not (retryable_method and is_transient(err)) or attempt >= policy.attempts:
+                    _note_attempts(err, attempt)
+                    raise
+                retry_after = parse_retry_after(err.retry_after) if isinstance(err, UpstreamStatusError) else None
+                delay = max(backoff_s(policy, attempt, self._rng), retry_after or 0.0)
+                if loop.time() + delay + MIN_ATTEMPT_S >= deadline:
+                    _note_attempts(err, attempt)
+                    raise
+                if not up.budget.try_spend():
+                    if self._observer is not None:
+                        self._observer.budget_exhausted(name)
+                    err.message += " (retry budget exhausted)"
+                    _note_attempts(err, attempt)
+                    raise
+            if self._observer is not None:
+                self._observer.retry(name)
+            await asyncio.sleep(delay)
+
+    async def _attempt(self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str]) -> Reply:
+        if not up.breaker.try_acquire():
+            raise CircuitOpenError(
+                f"{up.name} circuit is open; next probe in {up.breaker.retry_after_s() * 1000:.0f} ms"
+            )
+        try:
+            reply = await self._send(up, out, deadline, headers)
+        except DeadlineExceededError:
+            # The client's deadline, not the upstream, cut this attempt short: not the breaker's business.
+            up.breaker.release_probe()
+            raise
+        except SourceError as err:
+            if _is_upstream_fault(err):
+                up.breaker.record_failure()
+            else:
+                up.breaker.release_probe()
+            raise
+        except BaseException:
+            # Cancelled (deadline or client gone) before an outcome: hand a half-open probe permit back.
+            up.breaker.release_probe()
+            raise
+        up.breaker.record_success()
+        return reply
+
+    async def _send(self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str]) -> Reply:
+        loop = asyncio.get_running_loop()
+        waited_from = loop.time()
+        # Per-upstream slot first, then a global one: a saturated upstream never holds global slots while it
+        # waits. Both `async with` blocks release on cancellation (the deadline), so no slot leaks.
+        async with up.semaphore, self._global:
+            started = loop.time()
+            if self._observer is not None:
+                self._observer.semaphore_wait(up.name, started - waited_from)
+            remaining = deadline - started
+            if remaining <= MIN_ATTEMPT_S:
+                raise DeadlineExceededError(f"the deadline passed while waiting for a slot on {up.name}")
+            per_try = up.config.timeout_ms / 1000
+            send_headers = dict(headers)
+            send_headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
+            up.in_flight += 1
+            try:
+                reply = await call_once(
+                    self._http.session,
+                    upstream=up.name,
+                    method=out.method,
+                    url=join_url(up.config.base_url, out.path),
+                    params=out.params,
+                    body=out.body,
+                    headers=send_headers,
+                    timeout_s=min(per_try, remaining),
+                    connect_timeout_s=up.config.connect_timeout_ms / 1000,
+                    max_bytes=up.config.max_response_bytes,
+                )
+            except UpstreamTimeoutError as exc:
+                if remaining < per_try:
+                    self._observe(up.name, "deadline", started)
+                    raise DeadlineExceededError(f"{up.name} did not answer before the deadline") from exc
+                self._observe(up.name, exc.kind, started)
+                raise
+            except SourceError as exc:
+                self._observe(up.name, exc.kind, started)
+                raise
+            finally:
+                up.in_flight -= 1
+        self._observe(up.name, "ok", started)
+        return reply
+
+    def _observe(self, upstream: str, outcome: str, started: float) -> None:
+        if self._observer is not None:
+            self._observer.attempt(upstream, outcome, asyncio.get_running_loop().time() - started)
+
+    async def _decode(self, reply: Reply, name: str) -> Any:
+        if len(reply.body) <= DECODE_OFF_LOOP_BYTES:
+            return decode_body(reply.body, reply.headers, name)
+        try:
+            return await self._decoder.run(lambda: decode_body(reply.body, reply.headers, name))
+        except ExecutorFullError:
+            return decode_body(reply.body, reply.headers, name)
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {
+            name: {
+                "in_flight": up.in_flight,
+                "limit": up.config.max_concurrency,
+                "breaker": up.breaker.state.name.lower(),
+            }
+            for name, up in self.upstreams.items()
+        }
+
+
+def _is_upstream_fault(err: SourceError) -> bool:
+    if isinstance(err, ResponseTooLargeError | BadResponseError):
+        return True
+    return is_transient(err)
+
+
+def _note_attempts(err: SourceError, attempts: int) -> None:
+    err.attempts = attempts
+    if attempts > 1 and "attempts" not in err.message:
+        err.message = f"{err.message} after {attempts} attempts"
