@@ -9,18 +9,25 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+import orjson
+
 from app.aggregate.models import AggregateRequest, QuerySourceSpec, SourceResult, UpstreamSourceSpec
+from app.compute.jsonwork import digest_json, select
+from app.compute.pool import CpuPool
 from app.db.pool import Database
 from app.db.queries import bind, coerce
 from app.errors import (
+    BadResponseError,
     DatabaseUnavailableError,
     DeadlineExceededError,
     NotFoundError,
+    OverloadedError,
     SourceError,
     ValidationFailedError,
 )
 from app.settings import CompositeConfig, CompositeSource, QueryConfig, Settings
-from app.upstream.client import Outbound, Progress, UpstreamClient
+from app.upstream.call import decode_body
+from app.upstream.client import Outbound, Progress, Result, UpstreamClient
 from app.upstream.paths import UnsafePathError, confine_path, join_url
 
 
@@ -176,6 +183,10 @@ def _fill(template: str, values: dict[str, Any]) -> Any:
     return template.format_map({k: _text(v) for k, v in values.items()})
 
 
+# Bodies up to this size are decoded on the loop (well under a millisecond); larger ones in a worker process.
+INLINE_JSON_BYTES = 64 * 1024
+
+
 def effective_deadline_s(settings: Settings, requested_ms: float | None) -> float:
     limits = settings.limits
     ms = limits.default_deadline_ms if requested_ms is None else requested_ms
@@ -183,9 +194,14 @@ def effective_deadline_s(settings: Settings, requested_ms: float | None) -> floa
 
 
 class Aggregator:
-    def __init__(self, upstreams: UpstreamClient, db: Database | None) -> None:
+    def __init__(
+        self, upstreams: UpstreamClient, db: Database | None, cpu: CpuPool | None, *, split_keys: bool = False
+    ) -> None:
         self._upstreams = upstreams
         self._db = db
+        self._cpu = cpu
+        # Flat merging needs each object's keys; large bodies then come back from the worker key by key.
+        self._split_keys = split_keys
 
     async def run(
         self, plans: Mapping[str, Plan], deadline_s: float, *, headers: Mapping[str, str]
@@ -213,16 +229,35 @@ class Aggregator:
                     result = await self._upstreams.call(
                         plan.upstream, plan.out, deadline=deadline, headers=headers, progress=progress
                     )
-                    status, data, attempts = result.status, result.data, result.attempts
+                    data = await self._decode(plan, result)
+                    status, attempts = result.status, result.attempts
                 else:
                     progress.attempts = 1
-                    status, data, attempts = None, await self._query(plan, deadline), 1
-            out[name] = _ok(status, _select(data, plan.fields), started, attempts)
+                    status, data, attempts = None, select(await self._query(plan, deadline), plan.fields), 1
+            out[name] = _ok(status, data, started, attempts)
         except TimeoutError:
             err = DeadlineExceededError("the request's deadline passed before this source finished")
             out[name] = _failed(err, started, max(1, progress.attempts))
         except SourceError as err:
             out[name] = _failed(err, started, err.attempts)
+
+    async def _decode(self, plan: UpstreamPlan, result: Result) -> Any:
+        body = result.body
+        is_json = "json" in result.headers.get("content-type", "")
+        if not is_json or len(body) <= INLINE_JSON_BYTES or self._cpu is None:
+            return select(decode_body(body, result.headers, plan.upstream), plan.fields)
+        try:
+            kind, payload = await self._cpu.run(digest_json, body, plan.fields, self._split_keys)
+        except OverloadedError:
+            # Every worker is busy: decoding here stalls the loop for a moment, which beats failing the source.
+            return select(decode_body(body, result.headers, plan.upstream), plan.fields)
+        except Exception as exc:  # a worker that died on this body: the body is the likely cause
+            raise BadResponseError(f"{plan.upstream}: the body could not be decoded ({type(exc).__name__})") from exc
+        if kind == "error":
+            raise BadResponseError(f"{plan.upstream} sent {payload}")
+        if kind == "items":
+            return {key: orjson.Fragment(value) for key, value in payload}
+        return orjson.Fragment(payload)
 
     async def _query(self, plan: QueryPlan, deadline: float) -> Any:
         if self._db is None:
@@ -249,16 +284,6 @@ def merge_flat(results: Mapping[str, SourceResult]) -> dict[str, Any]:
         else:
             merged[name] = data
     return merged
-
-
-def _select(data: Any, fields: tuple[str, ...] | None) -> Any:
-    if fields is None:
-        return data
-    if isinstance(data, dict):
-        return {k: data[k] for k in fields if k in data}
-    if isinstance(data, list):
-        return [_select(item, fields) for item in data]
-    return data
 
 
 def _text(value: Any) -> str:

@@ -26,7 +26,7 @@ async def aggregate(body: AggregateRequest, request: Request) -> JSONResponse:
     state = get_state(request)
     plans = plan_request(state.settings, body)
     deadline_s = effective_deadline_s(state.settings, body.deadline_ms)
-    results = await _run(state, request, plans, deadline_s)
+    results = await _run(state, request, plans, deadline_s, flat=False)
     complete = all(r["ok"] for r in results.values())
     return _respond({"complete": complete, "results": results}, complete, 200)
 
@@ -41,7 +41,8 @@ async def aggregate_composite(composite: str, request: Request) -> JSONResponse:
         raise ValidationFailedError("each query parameter may be given once")
     config, plans = plan_composite(state.settings, composite, query)
     deadline_ms = config.deadline_ms if config.deadline_ms is not None else None
-    results = await _run(state, request, plans, effective_deadline_s(state.settings, deadline_ms))
+    deadline_s = effective_deadline_s(state.settings, deadline_ms)
+    results = await _run(state, request, plans, deadline_s, flat=config.merge == "flat")
     complete = all(r["ok"] for r in results.values())
     required_failed = any(not results[name]["ok"] for name, plan in plans.items() if plan.required)
     content: dict[str, object] = {"complete": complete, "results": results}
@@ -59,9 +60,9 @@ def _respond(content: Mapping[str, object], complete: bool, status: int) -> JSON
 
 
 async def _run(
-    state: GatewayState, request: Request, plans: Mapping[str, Plan], deadline_s: float
+    state: GatewayState, request: Request, plans: Mapping[str, Plan], deadline_s: float, *, flat: bool
 ) -> dict[str, SourceResult]:
-    aggregator = Aggregator(state.require_upstreams(), state.db)
+    aggregator = Aggregator(state.require_upstreams(), state.db, state.cpu, split_keys=flat)
     headers = {"X-Request-ID": request_id_of(request.scope)}
     return await until_disconnected(request, aggregator.run(plans, deadline_s, headers=headers))
 

@@ -9,7 +9,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from app.db.executor import BoundedExecutor, ExecutorFullError
 from app.errors import (
     BadResponseError,
     CircuitOpenError,
@@ -21,14 +20,11 @@ from app.errors import (
 )
 from app.settings import Settings, UpstreamConfig
 from app.upstream.breaker import BreakerState, CircuitBreaker
-from app.upstream.call import Reply, call_once, decode_body
+from app.upstream.call import Reply, call_once
 from app.upstream.paths import join_url
 from app.upstream.retry import IDEMPOTENT_METHODS, RetryBudget, backoff_s, is_transient, parse_retry_after
 from app.upstream.session import HttpSession
 
-# Bodies larger than this are decoded in a thread: orjson holds the GIL, but the interpreter's switch interval
-# (5 ms) then lets the loop thread run between slices instead of waiting for the whole decode.
-DECODE_OFF_LOOP_BYTES = 256 * 1024
 # A retry is pointless when less than this is left before the deadline.
 MIN_ATTEMPT_S = 0.005
 
@@ -72,7 +68,8 @@ class Outbound:
 @dataclass(frozen=True)
 class Result:
     status: int
-    data: Any
+    body: bytes
+    headers: Mapping[str, str]
     attempts: int
 
 
@@ -89,7 +86,6 @@ class UpstreamClient:
         self._observer = observer
         self._rng = rng or random.Random()
         self._global = asyncio.Semaphore(settings.http.max_in_flight)
-        self._decoder = BoundedExecutor(name="decode", workers=1, queue_limit=64)
         self.upstreams = {name: self._make(name, cfg) for name, cfg in settings.upstreams.items()}
 
     def _make(self, name: str, cfg: UpstreamConfig) -> Upstream:
@@ -109,7 +105,7 @@ class UpstreamClient:
         return None
 
     async def aclose(self) -> None:
-        await self._decoder.aclose()
+        return None
 
     async def call(
         self, name: str, out: Outbound, *, deadline: float, headers: Mapping[str, str], progress: Progress
@@ -132,8 +128,7 @@ class UpstreamClient:
                 reply = await self._attempt(up, out, deadline, headers)
                 if reply.status >= 300:
                     raise UpstreamStatusError(f"{name} answered {reply.status}", status=reply.status)
-                data = await self._decode(reply, name)
-                return Result(status=reply.status, data=data, attempts=attempt)
+                return Result(status=reply.status, body=reply.body, headers=reply.headers, attempts=attempt)
             except SourceError as err:
                 err.attempts = attempt
                 if not (retryable_method and is_transient(err)) or attempt >= policy.attempts:
@@ -224,14 +219,6 @@ class UpstreamClient:
     def _observe(self, upstream: str, outcome: str, started: float) -> None:
         if self._observer is not None:
             self._observer.attempt(upstream, outcome, asyncio.get_running_loop().time() - started)
-
-    async def _decode(self, reply: Reply, name: str) -> Any:
-        if len(reply.body) <= DECODE_OFF_LOOP_BYTES:
-            return decode_body(reply.body, reply.headers, name)
-        try:
-            return await self._decoder.run(lambda: decode_body(reply.body, reply.headers, name))
-        except ExecutorFullError:
-            return decode_body(reply.body, reply.headers, name)
 
     def stats(self) -> dict[str, dict[str, Any]]:
         return {

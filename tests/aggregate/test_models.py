@@ -1,0 +1,62 @@
+"""The /aggregate request model, as properties: any JSON either validates or is refused cleanly."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from pydantic import ValidationError
+
+from app.aggregate.models import AggregateRequest, QuerySourceSpec, UpstreamSourceSpec
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=10), children, max_size=4),
+    max_leaves=20,
+)
+source = st.fixed_dictionaries(
+    {},
+    optional={
+        "upstream": st.text(max_size=12) | json_values,
+        "query": st.text(max_size=12) | json_values,
+        "path": st.text(max_size=30) | json_values,
+        "method": st.sampled_from(["GET", "POST", "TRACE", "get"]) | json_values,
+        "params": st.dictionaries(st.text(max_size=8), json_values, max_size=3) | json_values,
+        "json": json_values,
+        "headers": st.dictionaries(st.text(max_size=8), st.text(max_size=8), max_size=3) | json_values,
+    },
+)
+requests = st.fixed_dictionaries(
+    {"sources": st.dictionaries(st.text(max_size=12), source | json_values, max_size=4) | json_values},
+    optional={"deadline_ms": json_values},
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(requests)
+def test_any_json_validates_or_is_refused(payload: dict[str, Any]) -> None:
+    try:
+        parsed = AggregateRequest.model_validate(payload)
+    except ValidationError as exc:
+        assert exc.errors()
+        return
+    assert parsed.sources
+    for spec in parsed.sources.values():
+        assert isinstance(spec, UpstreamSourceSpec | QuerySourceSpec)
+        if isinstance(spec, UpstreamSourceSpec):
+            assert spec.method in ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
+    if parsed.deadline_ms is not None:
+        assert parsed.deadline_ms > 0
+
+
+def test_a_source_names_exactly_one_kind() -> None:
+    ok = AggregateRequest.model_validate({"sources": {"a": {"upstream": "u", "path": "/x"}, "b": {"query": "q"}}})
+    assert isinstance(ok.sources["a"], UpstreamSourceSpec)
+    assert isinstance(ok.sources["b"], QuerySourceSpec)
+    for bad in ({"path": "/x"}, {"upstream": "u", "query": "q", "path": "/x"}):
+        try:
+            AggregateRequest.model_validate({"sources": {"a": bad}})
+        except ValidationError:
+            continue
+        raise AssertionError(f"{bad} was accepted")
