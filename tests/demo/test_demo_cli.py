@@ -61,6 +61,14 @@ def test_demo_serves_real_data_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(results["orders"]["data"]) == 3
         assert body["complete"] is True
 
+        match = re.search(r"curl -s '(http://\S+/aggregate/user_overview\?\S+)'", banner)
+        assert match, banner
+        with urllib.request.urlopen(match.group(1), timeout=10) as resp:
+            composite = json.load(resp)
+        assert composite["results"]["profile"]["data"] == {"id": 7, "name": "Margaret Hamilton", "tier": "pro"}
+        assert composite["results"]["orders"]["ok"] is True
+        assert len(composite["results"]["orders"]["data"]) == 5
+
         match = re.search(r"curl -s (http://\S+/transform/trig_log) -H '[^']+' -d '(.+)'", banner)
         assert match, banner
         status, body = post_json(match.group(1), match.group(2))
