@@ -75,5 +75,7 @@ def _serve(config: Path | None, host: str | None, port: int | None) -> int:
             print(f"invalid --host/--port: {exc}", file=sys.stderr)
             return 2
         settings = settings.model_copy(update={"server": server})
-    configure_logging(settings.server.log_level, settings.server.log_format)
+    configure_logging(
+        settings.server.log_level, settings.server.log_format, access_log=settings.observability.access_log
+    )
     return serve(settings)

@@ -8,6 +8,7 @@ from app import __version__, problems
 from app.lifecycle.lifespan import build_lifespan
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.request_id import RequestIdMiddleware
+from app.observability.http import HttpMetricsMiddleware
 from app.responses import JSONResponse
 from app.routes import aggregate, health, metrics, transform
 from app.settings import Settings
@@ -24,7 +25,10 @@ def create_app(settings: Settings) -> FastAPI:
     problems.install(app)
     # Added last = outermost: the request id is set before anything else runs, so even a 413 carries one.
     app.add_middleware(BodyLimitMiddleware, default=settings.limits.max_body_bytes)
+    app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
-    for module in (health, metrics, aggregate, transform):
+    for module in (health, aggregate, transform):
         app.include_router(module.router)
+    if settings.observability.admin_port is None:
+        app.include_router(metrics.router)
     return app

@@ -208,6 +208,14 @@ class ComputeSettings(_Section):
     job_timeout_s: float = Field(30.0, gt=0, le=3600)
 
 
+class ObservabilitySettings(_Section):
+    admin_host: str | None = Field(None, description="Admin listener address; default: server.host.")
+    admin_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics here instead of publicly.")
+    blocking_threshold_ms: PositiveMs = 100.0
+    loop_lag_interval_ms: PositiveMs = 100.0
+    access_log: bool = True
+
+
 class Settings(BaseSettings):
     """The whole validated configuration of one gateway process."""
 
@@ -219,6 +227,7 @@ class Settings(BaseSettings):
     http: HttpClientSettings = HttpClientSettings()
     database: DatabaseSettings = DatabaseSettings()
     compute: ComputeSettings = ComputeSettings()
+    observability: ObservabilitySettings = ObservabilitySettings()
     upstreams: dict[Name, UpstreamConfig] = Field(default_factory=dict)
     queries: dict[Name, QueryConfig] = Field(default_factory=dict)
     composites: dict[Name, CompositeConfig] = Field(default_factory=dict)

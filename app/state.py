@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -25,6 +26,8 @@ class GatewayState:
     upstreams: UpstreamClient | None = None
     db: Database | None = None
     cpu: CpuPool | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    admin_port: int | None = None
 
     def require_db(self) -> Database:
         if self.db is None:

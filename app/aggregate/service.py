@@ -265,7 +265,7 @@ class Aggregator:
         remaining_ms = (deadline - asyncio.get_running_loop().time()) * 1000
         timeout_ms = max(1.0, min(plan.config.timeout_ms, remaining_ms))
         result = await self._db.fetch(
-            plan.config.sql, plan.params, timeout_ms=timeout_ms, max_rows=plan.config.max_rows
+            plan.config.sql, plan.params, timeout_ms=timeout_ms, max_rows=plan.config.max_rows, name=plan.query
         )
         return result.rows
 

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,12 +16,13 @@ import psycopg2.extensions
 from psycopg2.pool import ThreadedConnectionPool
 
 from app.concurrency import run_in_own_thread
-from app.db.executor import BoundedExecutor, ExecutorFullError
+from app.db.executor import BoundedExecutor, ExecutorFullError, ExecutorObserver
 from app.errors import (
     DatabaseError,
     DatabaseUnavailableError,
     QueryTimeoutError,
     ResourceClosedError,
+    SourceError,
     SourceOverloadedError,
     StartupError,
 )
@@ -46,10 +47,20 @@ class Database:
     PoolError (it never waits) cannot happen.
     """
 
-    def __init__(self, dsn: str, settings: DatabaseSettings) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        settings: DatabaseSettings,
+        *,
+        observer: ExecutorObserver | None = None,
+        on_query: Callable[[str, str, float], None] | None = None,
+    ) -> None:
         self._dsn = dsn
         self._settings = settings
-        self._executor = BoundedExecutor(name="db", workers=settings.executor_threads, queue_limit=settings.queue_limit)
+        self._on_query = on_query
+        self._executor = BoundedExecutor(
+            name="db", workers=settings.executor_threads, queue_limit=settings.queue_limit, observer=observer
+        )
         self._canceller = BoundedExecutor(name="db-cancel", workers=2, queue_limit=settings.executor_threads)
         self._pool: ThreadedConnectionPool | None = None
         self._closed = False
@@ -98,7 +109,9 @@ class Database:
             for conn in conns:
                 pool.putconn(conn, close=not self._settings.min_connections)
 
-    async def fetch(self, sql: str, params: Mapping[str, Any], *, timeout_ms: float, max_rows: int) -> QueryResult:
+    async def fetch(
+        self, sql: str, params: Mapping[str, Any], *, timeout_ms: float, max_rows: int, name: str = "adhoc"
+    ) -> QueryResult:
         """Run one parameterised query in the DB executor.
 
         Raises SourceOverloadedError when the executor queue is full, DatabaseUnavailableError when no connection
@@ -109,17 +122,27 @@ class Database:
         if self._closed:
             raise ResourceClosedError("database is closed")
         job = _Job()
+        started = time.perf_counter()
+        outcome = "ok"
         try:
-            future = self._executor.submit(lambda: self._fetch(job, sql, params, timeout_ms, max_rows))
-        except ExecutorFullError as exc:
-            raise SourceOverloadedError("database executor queue is full") from exc
-        try:
-            # Cancelling this await cancels a job that has not started (its queue slot frees at once); a running
-            # job goes on in its thread, so the server-side cancel below is what stops it.
-            return await asyncio.wrap_future(future)
-        except asyncio.CancelledError:
-            self._cancel_on_server(job)
+            try:
+                future = self._executor.submit(lambda: self._fetch(job, sql, params, timeout_ms, max_rows))
+            except ExecutorFullError as exc:
+                raise SourceOverloadedError("database executor queue is full") from exc
+            try:
+                # Cancelling this await cancels a job that has not started (its queue slot frees at once); a
+                # running job goes on in its thread, so the server-side cancel below is what stops it.
+                return await asyncio.wrap_future(future)
+            except asyncio.CancelledError:
+                outcome = "cancelled"
+                self._cancel_on_server(job)
+                raise
+        except SourceError as err:
+            outcome = err.kind
             raise
+        finally:
+            if self._on_query is not None:
+                self._on_query(name, outcome, time.perf_counter() - started)
 
     def _cancel_on_server(self, job: _Job) -> None:
         with job.lock:

@@ -7,12 +7,15 @@ Order and why:
   4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
   5. cpu_pool         worker processes, pre-warmed
   6. loop_lag         background sampler task
+  7. blocking_detector  heartbeat + watchdog thread naming code that blocks the loop
+  8. admin_listener   /metrics on its own port, when configured (closed first, after the public drain)
 Closing runs backwards: background tasks stop, workers finish and exit, the DB executor finishes its running
 queries before the pool closes its connections, then the HTTP session closes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -23,8 +26,10 @@ from fastapi import FastAPI
 from app.compute.pool import CpuPool
 from app.db.pool import Database
 from app.lifecycle.readiness import Readiness
+from app.observability.admin import AdminListener, create_admin_app
+from app.observability.blocking import BlockingDetector
 from app.observability.looplag import LoopLagSampler
-from app.observability.metrics import CallbackGauges, Metrics
+from app.observability.metrics import Metrics
 from app.settings import Settings
 from app.state import GatewayState
 from app.upstream.client import UpstreamClient
@@ -57,7 +62,9 @@ def expected_resources(settings: Settings) -> list[str]:
         names.append("database")
     if settings.compute.enabled:
         names.append("cpu_pool")
-    names.append("loop_lag")
+    names += ["loop_lag", "blocking_detector"]
+    if settings.observability.admin_port is not None:
+        names.append("admin_listener")
     return names
 
 
@@ -84,36 +91,41 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         readiness = Readiness(expected=expected_resources(settings))
         metrics = Metrics()
-        state = GatewayState(settings=settings, readiness=readiness, metrics=metrics)
+        state = GatewayState(settings=settings, readiness=readiness, metrics=metrics, loop=asyncio.get_running_loop())
         app.state.gateway = state
+        obs = settings.observability
+        sampler = LoopLagSampler(metrics.loop_lag, interval_s=obs.loop_lag_interval_ms / 1000)
         async with AsyncExitStack() as stack:
             await _open(stack, readiness, "metrics", _NoStart(_noop))
-            metrics.add_collector(
-                CallbackGauges(
-                    {
-                        "gateway_ready": ("1 when the gateway is ready to serve.", lambda: float(readiness.ready)),
-                        "gateway_draining": (
-                            "1 while the gateway drains before exit.",
-                            lambda: float(readiness.draining),
-                        ),
-                    }
-                )
-            )
+            metrics.register_state(state, sampler.worst_recent_s)
 
             state.http = HttpSession(settings.http)
             await _open(stack, readiness, "http", state.http)
-            state.upstreams = UpstreamClient(settings, state.http)
+            state.upstreams = UpstreamClient(settings, state.http, observer=metrics.upstream)
             await _open(stack, readiness, "upstreams", state.upstreams)
 
             if settings.database_url is not None:
-                state.db = Database(settings.database_url.get_secret_value(), settings.database)
+                state.db = Database(
+                    settings.database_url.get_secret_value(),
+                    settings.database,
+                    observer=metrics.db_executor,
+                    on_query=lambda name, outcome, s: metrics.db_query.labels(name, outcome).observe(s),
+                )
                 await _open(stack, readiness, "database", state.db)
 
             if settings.compute.enabled:
                 state.cpu = CpuPool(settings.compute)
                 await _open(stack, readiness, "cpu_pool", state.cpu)
 
-            await _open(stack, readiness, "loop_lag", LoopLagSampler(metrics.loop_lag))
+            await _open(stack, readiness, "loop_lag", sampler)
+            detector = BlockingDetector(metrics.loop_blocked, threshold_s=obs.blocking_threshold_ms / 1000)
+            await _open(stack, readiness, "blocking_detector", detector)
+            if obs.admin_port is not None:
+                admin = AdminListener(
+                    create_admin_app(state), host=obs.admin_host or settings.server.host, port=obs.admin_port
+                )
+                await _open(stack, readiness, "admin_listener", admin)
+                state.admin_port = admin.port
 
             log.info("gateway ready", extra={"event": "ready"})
             try:

@@ -29,7 +29,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-def configure_logging(level: str, fmt: str) -> None:
+def configure_logging(level: str, fmt: str, *, access_log: bool = True) -> None:
     handler = logging.StreamHandler(sys.stderr)
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
@@ -44,3 +44,4 @@ def configure_logging(level: str, fmt: str) -> None:
         logger.propagate = True
     # One line per request comes from the gateway's own middleware, not uvicorn's access log.
     logging.getLogger("uvicorn.access").setLevel(logging.WARNING)
+    logging.getLogger("app.access").setLevel(logging.INFO if access_log else logging.WARNING)

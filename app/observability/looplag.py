@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import time
 
@@ -10,11 +11,15 @@ from prometheus_client import Histogram
 
 
 class LoopLagSampler:
-    def __init__(self, histogram: Histogram, *, interval_s: float = 0.1) -> None:
+    def __init__(self, histogram: Histogram, *, interval_s: float = 0.1, window_s: float = 10.0) -> None:
         self._histogram = histogram
         self._interval = interval_s
         self._task: asyncio.Task[None] | None = None
-        self.worst_recent_s = 0.0
+        self._recent: collections.deque[float] = collections.deque(maxlen=max(1, int(window_s / interval_s)))
+
+    def worst_recent_s(self) -> float:
+        """The worst lag over the last window (about ``window_s``)."""
+        return max(self._recent, default=0.0)
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="loop-lag-sampler")
@@ -25,7 +30,7 @@ class LoopLagSampler:
             await asyncio.sleep(self._interval)
             lag = max(0.0, time.perf_counter() - expected)
             self._histogram.observe(lag)
-            self.worst_recent_s = max(lag, self.worst_recent_s * 0.9)
+            self._recent.append(lag)
 
     async def aclose(self) -> None:
         if self._task is not None:

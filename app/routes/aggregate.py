@@ -12,6 +12,7 @@ from app.aggregate.models import AggregateRequest, SourceResult
 from app.aggregate.service import Aggregator, Plan, effective_deadline_s, merge_flat, plan_composite, plan_request
 from app.errors import ClientDisconnectedError, ValidationFailedError
 from app.middleware.request_id import request_id_of
+from app.observability.http import add_log_fields
 from app.responses import JSONResponse
 from app.state import GatewayState, get_state
 
@@ -64,7 +65,19 @@ async def _run(
 ) -> dict[str, SourceResult]:
     aggregator = Aggregator(state.require_upstreams(), state.db, state.cpu, split_keys=flat)
     headers = {"X-Request-ID": request_id_of(request.scope)}
-    return await until_disconnected(request, aggregator.run(plans, deadline_s, headers=headers))
+    results = await until_disconnected(request, aggregator.run(plans, deadline_s, headers=headers))
+    add_log_fields(
+        request.scope,
+        sources={
+            name: {
+                "outcome": "ok" if r["ok"] else r["error"]["type"] if r["error"] else "error",
+                "attempts": r["attempts"],
+                "elapsed_ms": r["elapsed_ms"],
+            }
+            for name, r in results.items()
+        },
+    )
+    return results
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T:

@@ -27,8 +27,12 @@ def composite_settings(users: UpstreamServer, stock: UpstreamServer, pg_dsn: str
                 "params": {"user_id": "int", "sku": "str"},
                 "merge": merge,
                 "sources": {
-                    "profile": {"upstream": "users", "path": "/users/{user_id}", "required": True,
-                                "fields": ["id", "name"]},
+                    "profile": {
+                        "upstream": "users",
+                        "path": "/users/{user_id}",
+                        "required": True,
+                        "fields": ["id", "name"],
+                    },
                     "stock": {"upstream": "inventory", "path": "/stock", "params": {"sku": "{sku}"}},
                     "orders": {"query": "orders", "params": {"user_id": "{user_id}", "limit": "2"}},
                 },

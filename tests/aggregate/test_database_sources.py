@@ -23,9 +23,7 @@ def running_queries(dsn: str) -> int:
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gateway' AND state = 'active'"
-            )
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gateway' AND state = 'active'")
             row = cur.fetchone()
             assert row is not None
             return int(row[0])
@@ -37,7 +35,9 @@ async def test_deadline_cancels_the_query_on_the_server(pg_dsn: str, pg_server_u
     settings = make_settings(database_url=pg_dsn, queries=SLEEP, limits={"max_deadline_ms": 60_000})
     async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
         started = time.perf_counter()
-        _, body, _ = await post_aggregate(client, gw.url, {"s": {"query": "sleep", "params": {"s": 30}}}, deadline_ms=300)
+        _, body, _ = await post_aggregate(
+            client, gw.url, {"s": {"query": "sleep", "params": {"s": 30}}}, deadline_ms=300
+        )
         assert time.perf_counter() - started < 1.0
         assert body["results"]["s"]["error"]["type"] in ("deadline", "timeout")
         executor = gw.state.db.executor

@@ -34,9 +34,7 @@ async def test_upstream_never_sees_more_than_its_limit(upstream: UpstreamServer)
     async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
         sources = {f"s{i}": {"upstream": "a", "path": "/work"} for i in range(3)}
         # 10 clients x 3 sources = 30 concurrent calls wanted, 10x the limit.
-        replies = await asyncio.gather(
-            *(post_aggregate(client, gw.url, sources, deadline_ms=5000) for _ in range(10))
-        )
+        replies = await asyncio.gather(*(post_aggregate(client, gw.url, sources, deadline_ms=5000) for _ in range(10)))
     assert all(status == 200 and body["complete"] for status, body, _ in replies)
     assert upstream.count("/work") == 30
     assert upstream.peak_concurrency == 3

@@ -39,7 +39,8 @@ def test_any_json_validates_or_is_refused(payload: dict[str, Any]) -> None:
     try:
         parsed = AggregateRequest.model_validate(payload)
     except ValidationError as exc:
-        assert exc.errors()
+        errors = exc.errors()
+        assert errors
         return
     assert parsed.sources
     for spec in parsed.sources.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import aiohttp
@@ -23,7 +24,7 @@ async def test_transient_failures_are_retried_with_backoff(upstream: UpstreamSer
     assert result["data"] == {"finally": True}
     assert result["attempts"] == 3
     starts = [r.started for r in upstream.requests]
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     # Full jitter: each wait is in [0, 40 ms] then [0, 80 ms] (plus scheduling), never more.
     assert gaps[0] < 0.04 + 0.03
     assert gaps[1] < 0.08 + 0.03
@@ -72,14 +73,18 @@ async def test_retry_after_is_honoured(upstream: UpstreamServer) -> None:
     upstream.set("/limited", Behavior(statuses=[429], headers={"Retry-After": "0.3"}, json={"ok": 1}))
     cfg = upstream_cfg(upstream.url, retry={"attempts": 2, "backoff_initial_ms": 1, "backoff_max_ms": 1})
     async with running_gateway(make_settings(upstreams={"a": cfg})) as gw, aiohttp.ClientSession() as client:
-        _, body, _ = await post_aggregate(client, gw.url, {"l": {"upstream": "a", "path": "/limited"}}, deadline_ms=2000)
+        _, body, _ = await post_aggregate(
+            client, gw.url, {"l": {"upstream": "a", "path": "/limited"}}, deadline_ms=2000
+        )
         assert body["results"]["l"]["ok"] is True
         first, second = upstream.requests
         assert second.started - first.started >= 0.29
         # A Retry-After beyond the deadline is not waited for: the failure is reported at once.
         upstream.set("/limited", Behavior(status=429, headers={"Retry-After": "5"}))
         started = time.perf_counter()
-        _, body, _ = await post_aggregate(client, gw.url, {"l": {"upstream": "a", "path": "/limited"}}, deadline_ms=1000)
+        _, body, _ = await post_aggregate(
+            client, gw.url, {"l": {"upstream": "a", "path": "/limited"}}, deadline_ms=1000
+        )
         assert time.perf_counter() - started < 0.5
     assert body["results"]["l"]["error"]["type"] == "upstream_status"
     assert body["results"]["l"]["attempts"] == 1
@@ -89,7 +94,13 @@ async def test_retry_budget_limits_a_retry_storm(upstream: UpstreamServer) -> No
     upstream.set("/down", Behavior(status=503))
     cfg = upstream_cfg(
         upstream.url,
-        retry={"attempts": 3, "backoff_initial_ms": 1, "backoff_max_ms": 1, "budget_ratio": 0.1, "budget_min_retries": 2},
+        retry={
+            "attempts": 3,
+            "backoff_initial_ms": 1,
+            "backoff_max_ms": 1,
+            "budget_ratio": 0.1,
+            "budget_min_retries": 2,
+        },
         breaker={"consecutive_failures": 1000, "min_calls": 1000},
     )
     async with running_gateway(make_settings(upstreams={"a": cfg})) as gw, aiohttp.ClientSession() as client:

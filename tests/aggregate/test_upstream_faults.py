@@ -90,13 +90,20 @@ async def test_large_bodies_are_validated_and_filtered_in_a_worker(upstream: Ups
         upstreams={"a": cfg},
         compute={"enabled": True, "workers": 1},
         composites={
-            "c": {"sources": {"rows": {"upstream": "a", "path": "/rows", "fields": ["id"]},
-                              "broken": {"upstream": "a", "path": "/broken"}}}
+            "c": {
+                "sources": {
+                    "rows": {"upstream": "a", "path": "/rows", "fields": ["id"]},
+                    "broken": {"upstream": "a", "path": "/broken"},
+                }
+            }
         },
     )
-    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
-        async with client.get(f"{gw.url}/aggregate/c") as resp:
-            body = await resp.json()
+    async with (
+        running_gateway(settings) as gw,
+        aiohttp.ClientSession() as client,
+        client.get(f"{gw.url}/aggregate/c") as resp,
+    ):
+        body = await resp.json()
     assert body["results"]["rows"]["data"] == [{"id": i} for i in range(5000)]
     assert body["results"]["broken"]["error"]["type"] == "bad_response"
     assert "invalid JSON" in body["results"]["broken"]["error"]["message"]

@@ -111,7 +111,9 @@ async def test_malformed_bodies_are_422(upstream: UpstreamServer, payload: Any) 
 
 
 async def test_too_many_sources_and_too_large_bodies(upstream: UpstreamServer) -> None:
-    settings = make_settings(upstreams={"a": upstream_cfg(upstream.url)}, limits={"max_sources": 2, "max_body_bytes": 4096})
+    settings = make_settings(
+        upstreams={"a": upstream_cfg(upstream.url)}, limits={"max_sources": 2, "max_body_bytes": 4096}
+    )
     async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
         sources = {f"s{i}": {"upstream": "a", "path": "/x"} for i in range(3)}
         status, body, _ = await post_aggregate(client, gw.url, sources)

@@ -36,7 +36,7 @@ async def test_resources_open_in_order_and_close_in_reverse(pg_dsn: str, caplog:
     events = lifecycle_events(caplog)
     opened = [name for event, name in events if event == "opened"]
     closed = [name for event, name in events if event == "closed"]
-    assert opened == ["metrics", "http", "upstreams", "database", "cpu_pool", "loop_lag"]
+    assert opened == ["metrics", "http", "upstreams", "database", "cpu_pool", "loop_lag", "blocking_detector"]
     assert closed == list(reversed(opened))
     assert not state.readiness.ready
     assert state.readiness.report()["status"] == "stopping"
@@ -65,7 +65,15 @@ async def test_failed_start_closes_what_was_opened(caplog: pytest.LogCaptureFixt
     state = app.state.gateway
     assert state.http._session.closed
     assert state.cpu is None
-    assert state.readiness.missing() == ["metrics", "http", "upstreams", "database", "cpu_pool", "loop_lag"]
+    assert state.readiness.missing() == [
+        "metrics",
+        "http",
+        "upstreams",
+        "database",
+        "cpu_pool",
+        "loop_lag",
+        "blocking_detector",
+    ]
 
 
 async def test_database_optional_at_startup_when_configured(caplog: pytest.LogCaptureFixture) -> None:

@@ -51,7 +51,8 @@ def test_open_half_open_closed_cycle_and_probe_release() -> None:
     clock = Clock()
     transitions: list[BreakerState] = []
     breaker = CircuitBreaker(
-        BreakerPolicy(consecutive_failures=2, open_ms=500, half_open_probes=1), on_transition=transitions.append,
+        BreakerPolicy(consecutive_failures=2, open_ms=500, half_open_probes=1),
+        on_transition=transitions.append,
         clock=clock,
     )
     breaker.record_failure()

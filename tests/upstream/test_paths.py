@@ -15,8 +15,9 @@ BASE = "http://10.0.0.1:8080/api/v1"
 segment_chars = st.characters(codec="utf-8", exclude_categories=("Cs",))
 paths = st.one_of(
     st.text(segment_chars, max_size=60).map(lambda s: "/" + s),
-    st.lists(st.sampled_from(["a", "..", ".", "%2e", "%2E%2e", "%2f", "%252e", "//", "\\", "b c", "é", "?", "#"]),
-             max_size=8).map(lambda parts: "/" + "/".join(parts)),
+    st.lists(
+        st.sampled_from(["a", "..", ".", "%2e", "%2E%2e", "%2f", "%252e", "//", "\\", "b c", "é", "?", "#"]), max_size=8
+    ).map(lambda parts: "/" + "/".join(parts)),
     st.text(segment_chars, max_size=40),
 )
 
@@ -41,8 +42,11 @@ def test_confined_paths_never_escape(path: str) -> None:
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.text(st.characters(codec="ascii", categories=("L", "N")), min_size=1, max_size=10), min_size=1,
-                max_size=5))
+@given(
+    st.lists(
+        st.text(st.characters(codec="ascii", categories=("L", "N")), min_size=1, max_size=10), min_size=1, max_size=5
+    )
+)
 def test_plain_paths_pass_unchanged(parts: list[str]) -> None:
     path = "/" + "/".join(parts)
     assert confine_path(path) == path
