@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from fastapi import FastAPI
 
 from app import __version__, problems
@@ -13,8 +15,13 @@ from app.responses import JSONResponse
 from app.routes import aggregate, health, metrics, transform
 from app.settings import Settings
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
-def create_app(settings: Settings) -> FastAPI:
+
+def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """Build the app; the lifespan opens its resources. ``tracer_provider``: bring your own OpenTelemetry
+    provider (spans are then recorded whatever ``observability.tracing.enabled`` says)."""
     app = FastAPI(
         title="gateway",
         version=__version__,
@@ -22,6 +29,7 @@ def create_app(settings: Settings) -> FastAPI:
         default_response_class=JSONResponse,
     )
     app.state.settings = settings
+    app.state.tracer_provider = tracer_provider
     problems.install(app)
     # Added last = outermost: the request id is set before anything else runs, so even a 413 carries one.
     app.add_middleware(BodyLimitMiddleware, default=settings.limits.max_body_bytes)

@@ -208,12 +208,22 @@ class ComputeSettings(_Section):
     job_timeout_s: float = Field(30.0, gt=0, le=3600)
 
 
+class TracingSettings(_Section):
+    enabled: bool = Field(False, description="OpenTelemetry spans (needs the `otel` extra).")
+    otlp_endpoint: str | None = Field(
+        None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces"
+    )
+    service_name: str = "gateway"
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+
+
 class ObservabilitySettings(_Section):
     admin_host: str | None = Field(None, description="Admin listener address; default: server.host.")
     admin_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics here instead of publicly.")
     blocking_threshold_ms: PositiveMs = 100.0
     loop_lag_interval_ms: PositiveMs = 100.0
     access_log: bool = True
+    tracing: TracingSettings = TracingSettings()
 
 
 class Settings(BaseSettings):

@@ -12,6 +12,7 @@ from app.db.pool import Database
 from app.errors import ResourceClosedError
 from app.lifecycle.readiness import Readiness
 from app.observability.metrics import Metrics
+from app.observability.tracing import Tracing
 from app.settings import Settings
 from app.upstream.client import UpstreamClient
 from app.upstream.session import HttpSession
@@ -28,6 +29,7 @@ class GatewayState:
     cpu: CpuPool | None = None
     loop: asyncio.AbstractEventLoop | None = None
     admin_port: int | None = None
+    tracing: Tracing | None = None
 
     def require_db(self) -> Database:
         if self.db is None:

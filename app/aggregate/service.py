@@ -10,6 +10,7 @@ from typing import Any
 from urllib.parse import quote
 
 import orjson
+from starlette.types import Scope
 
 from app.aggregate.models import AggregateRequest, QuerySourceSpec, SourceResult, UpstreamSourceSpec
 from app.compute.jsonwork import digest_json, select
@@ -25,6 +26,7 @@ from app.errors import (
     SourceError,
     ValidationFailedError,
 )
+from app.observability.tracing import Tracing, record_outcome
 from app.settings import CompositeConfig, CompositeSource, QueryConfig, Settings
 from app.upstream.call import decode_body
 from app.upstream.client import Outbound, Progress, Result, UpstreamClient
@@ -195,11 +197,20 @@ def effective_deadline_s(settings: Settings, requested_ms: float | None) -> floa
 
 class Aggregator:
     def __init__(
-        self, upstreams: UpstreamClient, db: Database | None, cpu: CpuPool | None, *, split_keys: bool = False
+        self,
+        upstreams: UpstreamClient,
+        db: Database | None,
+        cpu: CpuPool | None,
+        *,
+        tracing: Tracing | None = None,
+        scope: Scope | None = None,
+        split_keys: bool = False,
     ) -> None:
         self._upstreams = upstreams
         self._db = db
         self._cpu = cpu
+        self._tracing = tracing
+        self._scope: Scope = scope if scope is not None else {}
         # Flat merging needs each object's keys; large bodies then come back from the worker key by key.
         self._split_keys = split_keys
 
@@ -221,6 +232,16 @@ class Aggregator:
     async def _one(
         self, name: str, plan: Plan, deadline: float, headers: Mapping[str, str], out: dict[str, SourceResult]
     ) -> None:
+        kind = "upstream" if isinstance(plan, UpstreamPlan) else "query"
+        if self._tracing is None:
+            out[name] = await self._run_source(name, plan, deadline, headers)
+            return
+        with self._tracing.source_span(self._scope, name, kind) as (trace_headers, span):
+            out[name] = result = await self._run_source(name, plan, deadline, {**headers, **trace_headers})
+            error = result["error"]
+            record_outcome(span, error["type"] if error is not None else "ok", result["attempts"])
+
+    async def _run_source(self, name: str, plan: Plan, deadline: float, headers: Mapping[str, str]) -> SourceResult:
         started = time.perf_counter()
         progress = Progress()
         try:
@@ -234,12 +255,12 @@ class Aggregator:
                 else:
                     progress.attempts = 1
                     status, data, attempts = None, select(await self._query(plan, deadline), plan.fields), 1
-            out[name] = _ok(status, data, started, attempts)
+            return _ok(status, data, started, attempts)
         except TimeoutError:
             err = DeadlineExceededError("the request's deadline passed before this source finished")
-            out[name] = _failed(err, started, max(1, progress.attempts))
+            return _failed(err, started, max(1, progress.attempts))
         except SourceError as err:
-            out[name] = _failed(err, started, err.attempts)
+            return _failed(err, started, err.attempts)
 
     async def _decode(self, plan: UpstreamPlan, result: Result) -> Any:
         body = result.body

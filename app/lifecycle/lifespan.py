@@ -2,6 +2,7 @@
 
 Order and why:
   1. metrics          everything after it reports into the registry
+  1b. tracing        OpenTelemetry provider, when configured (closed late: flushes the last spans)
   2. http             the shared aiohttp session
   3. upstreams        limits, breakers and retry budgets per upstream (and a thread for decoding large bodies)
   4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
@@ -30,6 +31,7 @@ from app.observability.admin import AdminListener, create_admin_app
 from app.observability.blocking import BlockingDetector
 from app.observability.looplag import LoopLagSampler
 from app.observability.metrics import Metrics
+from app.observability.tracing import Tracing
 from app.settings import Settings
 from app.state import GatewayState
 from app.upstream.client import UpstreamClient
@@ -57,7 +59,7 @@ class _NoStart:
 
 
 def expected_resources(settings: Settings) -> list[str]:
-    names = ["metrics", "http", "upstreams"]
+    names = ["metrics", "tracing", "http", "upstreams"]
     if settings.database_url is not None:
         names.append("database")
     if settings.compute.enabled:
@@ -98,6 +100,8 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
         async with AsyncExitStack() as stack:
             await _open(stack, readiness, "metrics", _NoStart(_noop))
             metrics.register_state(state, sampler.worst_recent_s)
+            state.tracing = Tracing(obs.tracing, provider=app.state.tracer_provider)
+            await _open(stack, readiness, "tracing", state.tracing)
 
             state.http = HttpSession(settings.http)
             await _open(stack, readiness, "http", state.http)

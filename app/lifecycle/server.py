@@ -6,11 +6,15 @@ import logging
 import socket
 from collections.abc import Callable
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import uvicorn
 
 from app.main import create_app
 from app.settings import Settings
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("app.lifecycle")
 
@@ -33,6 +37,16 @@ class GatewayServer(uvicorn.Server):
         else:
             self.should_exit = True
 
+    def add_ready_callback(self, callback: Callable[[GatewayServer], None]) -> None:
+        previous = self._on_ready
+
+        def both(server: GatewayServer) -> None:
+            if previous is not None:
+                previous(server)
+            callback(server)
+
+        self._on_ready = both
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and self._on_ready is not None:
@@ -47,9 +61,14 @@ class GatewayServer(uvicorn.Server):
         return None
 
 
-def build_server(settings: Settings, *, on_ready: Callable[[GatewayServer], None] | None = None) -> GatewayServer:
+def build_server(
+    settings: Settings,
+    *,
+    on_ready: Callable[[GatewayServer], None] | None = None,
+    tracer_provider: TracerProvider | None = None,
+) -> GatewayServer:
     config = uvicorn.Config(
-        create_app(settings),
+        create_app(settings, tracer_provider=tracer_provider),
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",

@@ -6,6 +6,7 @@ cannot blow up the metric's cardinality; requests that match no route are counte
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Any
@@ -52,8 +53,17 @@ class HttpMetricsMiddleware:
 
         if metrics is not None:
             metrics.in_flight.inc()
+        tracing = gateway.tracing if gateway is not None else None
+        span_cm = tracing.request_span(scope, scope["method"]) if tracing is not None else contextlib.nullcontext()
         try:
-            await self.app(scope, receive, send_tracking)
+            with span_cm as span:
+                try:
+                    await self.app(scope, receive, send_tracking)
+                finally:
+                    if span is not None:
+                        span.update_name(f"{scope['method']} {route_template(scope)}")
+                        span.set_attribute("http.route", route_template(scope))
+                        span.set_attribute("http.response.status_code", status)
         finally:
             elapsed = time.perf_counter() - started
             route = route_template(scope)

@@ -63,14 +63,16 @@ def _respond(content: Mapping[str, object], complete: bool, status: int) -> JSON
 async def _run(
     state: GatewayState, request: Request, plans: Mapping[str, Plan], deadline_s: float, *, flat: bool
 ) -> dict[str, SourceResult]:
-    aggregator = Aggregator(state.require_upstreams(), state.db, state.cpu, split_keys=flat)
+    aggregator = Aggregator(
+        state.require_upstreams(), state.db, state.cpu, tracing=state.tracing, scope=request.scope, split_keys=flat
+    )
     headers = {"X-Request-ID": request_id_of(request.scope)}
     results = await until_disconnected(request, aggregator.run(plans, deadline_s, headers=headers))
     add_log_fields(
         request.scope,
         sources={
             name: {
-                "outcome": "ok" if r["ok"] else r["error"]["type"] if r["error"] else "error",
+                "outcome": r["error"]["type"] if r["error"] is not None else "ok",
                 "attempts": r["attempts"],
                 "elapsed_ms": r["elapsed_ms"],
             }

@@ -8,6 +8,7 @@ import psutil
 import pytest
 
 from app.errors import StartupError
+from app.lifecycle.lifespan import expected_resources
 from app.lifecycle.readiness import Readiness
 from app.main import create_app
 from tests.support.gateway import make_settings, running_gateway
@@ -36,7 +37,16 @@ async def test_resources_open_in_order_and_close_in_reverse(pg_dsn: str, caplog:
     events = lifecycle_events(caplog)
     opened = [name for event, name in events if event == "opened"]
     closed = [name for event, name in events if event == "closed"]
-    assert opened == ["metrics", "http", "upstreams", "database", "cpu_pool", "loop_lag", "blocking_detector"]
+    assert opened == [
+        "metrics",
+        "tracing",
+        "http",
+        "upstreams",
+        "database",
+        "cpu_pool",
+        "loop_lag",
+        "blocking_detector",
+    ]
     assert closed == list(reversed(opened))
     assert not state.readiness.ready
     assert state.readiness.report()["status"] == "stopping"
@@ -59,21 +69,13 @@ async def test_failed_start_closes_what_was_opened(caplog: pytest.LogCaptureFixt
         async with app.router.lifespan_context(app):
             pytest.fail("the lifespan must not start")
     events = lifecycle_events(caplog)
-    assert [n for e, n in events if e == "opened"] == ["metrics", "http", "upstreams"]
+    assert [n for e, n in events if e == "opened"] == ["metrics", "tracing", "http", "upstreams"]
     # database failed in start(): its aclose() still ran, then the opened ones in reverse; the pool never started
-    assert [n for e, n in events if e == "closed"] == ["database", "upstreams", "http", "metrics"]
+    assert [n for e, n in events if e == "closed"] == ["database", "upstreams", "http", "tracing", "metrics"]
     state = app.state.gateway
     assert state.http._session.closed
     assert state.cpu is None
-    assert state.readiness.missing() == [
-        "metrics",
-        "http",
-        "upstreams",
-        "database",
-        "cpu_pool",
-        "loop_lag",
-        "blocking_detector",
-    ]
+    assert state.readiness.missing() == expected_resources(settings)
 
 
 async def test_database_optional_at_startup_when_configured(caplog: pytest.LogCaptureFixture) -> None:

@@ -48,10 +48,13 @@ class RunningGateway:
 
 
 @contextlib.asynccontextmanager
-async def running_gateway(settings: Settings) -> AsyncIterator[RunningGateway]:
-    """The app behind a real uvicorn server in this event loop; stops it (lifespan shutdown included) on exit."""
+async def running_gateway(settings: Settings, *, server: GatewayServer | None = None) -> AsyncIterator[RunningGateway]:
+    """The app behind a real uvicorn server in this event loop; stops it (lifespan shutdown included) on exit.
+    ``server``: one built by the caller with build_server() (e.g. with its own tracer provider)."""
     ready = asyncio.Event()
-    server = build_server(settings, on_ready=lambda _: ready.set())
+    if server is None:
+        server = build_server(settings)
+    server.add_ready_callback(lambda _: ready.set())
     task = asyncio.create_task(server.serve(), name="gateway-under-test")
     done_first, _ = await asyncio.wait(
         {task, asyncio.create_task(ready.wait())}, timeout=30, return_when=asyncio.FIRST_COMPLETED
