@@ -73,10 +73,10 @@ async def test_slow_queries_saturate_the_db_executor(pg_dsn: str) -> None:
         database_url=pg_dsn,
         database={"executor_threads": 2, "queue_limit": 2, "min_connections": 1},
         queries={"sleep": {"sql": "SELECT pg_sleep(%(s)s)", "params": {"s": "float"}}},
-        limits={"default_deadline_ms": 5000},
+        limits={"default_deadline_ms": 8000},
     )
     async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
-        sources = {f"s{i}": {"query": "sleep", "params": {"s": 0.6}} for i in range(5)}
+        sources = {f"s{i}": {"query": "sleep", "params": {"s": 1.5}} for i in range(5)}
         load = asyncio.create_task(post_aggregate(client, gw.url, sources))
         deadline = time.monotonic() + 5
         while gw.state.db.executor.stats().queued < 2:
