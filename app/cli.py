@@ -25,6 +25,11 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate a config file without serving")
     check.add_argument("config", type=Path)
+
+    doctor = sub.add_parser("doctor", help="check this host against the config before deploying")
+    doctor.add_argument("--config", type=Path, help="TOML config file (GATEWAY_* variables override it)")
+    doctor.add_argument("--replicas", type=int, default=1, help="gateway replicas sharing the database")
+    doctor.add_argument("--shm-path", type=Path, default=Path("/dev/shm"), help="shared-memory mount to check")
     return parser
 
 
@@ -34,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_check_config(args.config))
     if args.command == "serve":
         sys.exit(_serve(args.config, args.host, args.port))
+    if args.command == "doctor":
+        sys.exit(_doctor(args.config, args.replicas, args.shm_path))
     if args.command == "demo":
         from app.demo.runner import run_demo
 
@@ -55,6 +62,18 @@ def _check_config(path: Path) -> int:
         f"{len(settings.composites)} composites)"
     )
     return 0
+
+
+def _doctor(config: Path | None, replicas: int, shm_path: Path) -> int:
+    from app.diagnostics.doctor import run_doctor
+    from app.settings import load_settings
+
+    try:
+        settings = load_settings(config)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        return 2
+    return run_doctor(settings, replicas=replicas, shm_path=shm_path)
 
 
 def _serve(config: Path | None, host: str | None, port: int | None) -> int:

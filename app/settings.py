@@ -226,6 +226,11 @@ class ObservabilitySettings(_Section):
     tracing: TracingSettings = TracingSettings()
 
 
+class DiagnosticsSettings(_Section):
+    dump_signal: bool = Field(True, description="SIGUSR1 dumps every thread's stack and every task to the log.")
+    tracemalloc_frames: int = Field(0, ge=0, le=64, description="Trace allocations with this many frames; 0: off.")
+
+
 class Settings(BaseSettings):
     """The whole validated configuration of one gateway process."""
 
@@ -238,6 +243,7 @@ class Settings(BaseSettings):
     database: DatabaseSettings = DatabaseSettings()
     compute: ComputeSettings = ComputeSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
+    diagnostics: DiagnosticsSettings = DiagnosticsSettings()
     upstreams: dict[Name, UpstreamConfig] = Field(default_factory=dict)
     queries: dict[Name, QueryConfig] = Field(default_factory=dict)
     composites: dict[Name, CompositeConfig] = Field(default_factory=dict)

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fastapi import Request
 
 from app.compute.pool import CpuPool
 from app.db.pool import Database
 from app.errors import ResourceClosedError
+
+if TYPE_CHECKING:
+    from app.diagnostics.runtime import Diagnostics
 from app.lifecycle.readiness import Readiness
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
@@ -30,6 +34,7 @@ class GatewayState:
     loop: asyncio.AbstractEventLoop | None = None
     admin_port: int | None = None
     tracing: Tracing | None = None
+    diagnostics: Diagnostics | None = None
 
     def require_db(self) -> Database:
         if self.db is None:

@@ -51,6 +51,12 @@ class BoundedExecutor:
         self._completed = 0
         self._rejected = 0
         self._closed = False
+        self._running: dict[int, float] = {}  # thread ident -> when its current job started
+
+    def running_threads(self) -> dict[int, float]:
+        """Idents of the worker threads running a job now, with the job's start (perf_counter)."""
+        with self._lock:
+            return dict(self._running)
 
     def stats(self) -> ExecutorStats:
         with self._lock:
@@ -97,6 +103,7 @@ class BoundedExecutor:
         started = time.perf_counter()
         with self._lock:
             self._busy += 1
+            self._running[threading.get_ident()] = started
         if self._observer is not None:
             self._observer.job_started(started - submitted)
         try:
@@ -105,6 +112,7 @@ class BoundedExecutor:
             with self._lock:
                 self._busy -= 1
                 self._completed += 1
+                self._running.pop(threading.get_ident(), None)
             if self._observer is not None:
                 self._observer.job_finished(time.perf_counter() - started)
 

@@ -7,6 +7,7 @@ Order and why:
   3. upstreams        limits, breakers and retry budgets per upstream (and a thread for decoding large bodies)
   4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
   5. cpu_pool         worker processes, pre-warmed
+  5b. diagnostics     fault handler, SIGUSR1 dump, task ages, tracemalloc when configured
   6. loop_lag         background sampler task
   7. blocking_detector  heartbeat + watchdog thread naming code that blocks the loop
   8. admin_listener   /metrics on its own port, when configured (closed first, after the public drain)
@@ -26,6 +27,7 @@ from fastapi import FastAPI
 
 from app.compute.pool import CpuPool
 from app.db.pool import Database
+from app.diagnostics.runtime import Diagnostics
 from app.lifecycle.readiness import Readiness
 from app.observability.admin import AdminListener, create_admin_app
 from app.observability.blocking import BlockingDetector
@@ -64,7 +66,7 @@ def expected_resources(settings: Settings) -> list[str]:
         names.append("database")
     if settings.compute.enabled:
         names.append("cpu_pool")
-    names += ["loop_lag", "blocking_detector"]
+    names += ["diagnostics", "loop_lag", "blocking_detector"]
     if settings.observability.admin_port is not None:
         names.append("admin_listener")
     return names
@@ -121,6 +123,8 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
                 state.cpu = CpuPool(settings.compute)
                 await _open(stack, readiness, "cpu_pool", state.cpu)
 
+            state.diagnostics = Diagnostics(settings.diagnostics, state)
+            await _open(stack, readiness, "diagnostics", state.diagnostics)
             await _open(stack, readiness, "loop_lag", sampler)
             detector = BlockingDetector(metrics.loop_blocked, threshold_s=obs.blocking_threshold_ms / 1000)
             await _open(stack, readiness, "blocking_detector", detector)

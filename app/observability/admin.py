@@ -14,8 +14,9 @@ from collections.abc import Generator
 import uvicorn
 from fastapi import FastAPI
 
+from app import problems
 from app.errors import StartupError
-from app.routes import metrics
+from app.routes import debug, metrics
 
 START_TIMEOUT_S = 10.0
 
@@ -23,7 +24,9 @@ START_TIMEOUT_S = 10.0
 def create_admin_app(gateway_state: object) -> FastAPI:
     app = FastAPI(title="gateway admin", openapi_url=None, docs_url=None, redoc_url=None)
     app.state.gateway = gateway_state
+    problems.install(app)
     app.include_router(metrics.router)
+    app.include_router(debug.router)
     return app
 
 

@@ -3,7 +3,7 @@ from collections.abc import Iterator
 from contextlib import closing
 from pathlib import Path
 
-import psutil  # type: ignore[import-untyped]  # no stubs installed and no mypy override for it yet
+import psutil
 import psycopg2
 import pytest
 

@@ -44,6 +44,7 @@ async def test_resources_open_in_order_and_close_in_reverse(pg_dsn: str, caplog:
         "upstreams",
         "database",
         "cpu_pool",
+        "diagnostics",
         "loop_lag",
         "blocking_detector",
     ]
