@@ -100,6 +100,8 @@ def _inside(root: Path, path: Path) -> Path:
     resolved = path.resolve()
     if resolved != root.resolve() and root.resolve() not in resolved.parents:
         raise KustomizeError(f"{path}: outside the kustomization root {root} (kustomize refuses it)")
+    if not resolved.is_file():
+        raise KustomizeError(f"{path}: no such file")
     return resolved
 
 

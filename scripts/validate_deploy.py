@@ -264,7 +264,7 @@ def adapter_promql(values_file: Path = ADAPTER_VALUES) -> Result:
 def generated_files() -> Result:
     stale = deploy_sync.stale()
     if stale:
-        return Result(False, "stale, run `make deploy-sync`: " + ", ".join(str(p.relative_to(ROOT)) for p in stale))
+        return Result(False, "stale, run `make deploy-sync`: " + ", ".join(_relative(p) for p in stale))
     return Result(True, "the PrometheusRule and the dashboard ConfigMap match their sources")
 
 
