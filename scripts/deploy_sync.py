@@ -2,7 +2,7 @@
 
 The alert rules (deploy/prometheus/alerts.yml) and the dashboard (deploy/grafana/gateway-dashboard.json) are the
 sources: Prometheus and Grafana in the compose stack load them as they are. Kubernetes needs them wrapped, as a
-PrometheusRule and as a ConfigMap, inside the kustomize base (kustomize loads no file from outside its
+PrometheusRule and as a ConfigMap, inside deploy/kubernetes/monitoring (kustomize loads no file from outside its
 directory). This module writes those two wrappers; `--check` fails when a committed wrapper is stale.
 
     python -m scripts.deploy_sync            # rewrite the wrappers
@@ -19,9 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 ALERTS = ROOT / "deploy/prometheus/alerts.yml"
 DASHBOARD = ROOT / "deploy/grafana/gateway-dashboard.json"
-BASE = ROOT / "deploy/kubernetes/base"
-PROMETHEUS_RULE = BASE / "prometheusrule.yaml"
-DASHBOARD_CONFIGMAP = BASE / "grafana-dashboard.yaml"
+MONITORING = ROOT / "deploy/kubernetes/monitoring"
+PROMETHEUS_RULE = MONITORING / "prometheusrule.yaml"
+DASHBOARD_CONFIGMAP = MONITORING / "grafana-dashboard.yaml"
 
 _LABELS = """\
     app.kubernetes.io/name: gateway

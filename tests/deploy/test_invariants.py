@@ -114,7 +114,8 @@ def test_probes_hit_real_endpoints_on_the_served_port(
         assert ports[probe["port"]] == settings.server.port
 
 
-def test_service_and_service_monitor_reach_the_container_port(k8s: Rendered) -> None:
+def test_service_and_service_monitor_reach_the_container_port() -> None:
+    k8s = rendered("overlays/production")  # the overlay with both the gateway and its monitoring
     service = k8s.one("Service", "gateway")
     container_ports = {p["name"] for p in k8s.container["ports"]}
     service_ports = {p["name"]: p for p in service["spec"]["ports"]}
@@ -144,7 +145,7 @@ async def test_every_probed_path_answers_200_from_the_running_gateway() -> None:
     for overlay in OVERLAYS:
         container = rendered(overlay).container
         probed |= {container[k]["httpGet"]["path"] for k in ("startupProbe", "readinessProbe", "livenessProbe")}
-        probed |= {e["path"] for e in rendered(overlay).one("ServiceMonitor", "gateway")["spec"]["endpoints"]}
+    probed |= {e["path"] for e in rendered("monitoring").one("ServiceMonitor", "gateway")["spec"]["endpoints"]}
     assert probed <= app_paths()
     async with running_gateway(make_settings()) as gw, aiohttp.ClientSession() as client:
         for path in sorted(probed):
@@ -367,7 +368,7 @@ def test_selectors_match_the_pods(k8s: Rendered) -> None:
     ]
     for selector in selectors:
         assert selector.items() <= pod_labels.items()
-    monitor = k8s.one("ServiceMonitor", "gateway")
+    monitor = rendered("monitoring").one("ServiceMonitor", "gateway")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
 
 

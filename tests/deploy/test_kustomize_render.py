@@ -31,7 +31,7 @@ def write(path: Path, text: str) -> Path:
 
 def test_every_kustomization_is_found() -> None:
     names = {str(p.relative_to(KUSTOMIZATIONS)) for p in kustomizations()}
-    assert names == {"base", "overlays/production"}
+    assert names == {"base", "monitoring", "overlays/production"}
 
 
 @pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: nothing to compare the renderer with")
