@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -82,8 +82,15 @@ class Metrics:
         )  # fmt: skip
         self.upstream = UpstreamMetrics(r)
 
+        # Known label values start at 0, so rate() and dashboards see a series before the first event.
+        for reason in ("in_flight", "cpu_queue", "draining"):
+            self.shed.labels(reason)
+        for transport in ("shm", "pickle"):
+            self.cpu_transfer.labels(transport)
+
     def register_state(self, state: GatewayState, lag_window: Callable[[], float]) -> None:
         self.registry.register(StateCollector(state, lag_window))
+        self.upstream.prime(state.settings.upstreams)
 
 
 class ExecutorMetrics:
@@ -129,6 +136,13 @@ class UpstreamMetrics:
         self._transitions = Counter(
             "gateway_upstream_breaker_transitions", "Breaker state changes.", ["upstream", "to"], registry=r
         )
+
+    def prime(self, upstreams: Iterable[str]) -> None:
+        for name in upstreams:
+            self._retries.labels(name)
+            self._budget.labels(name)
+            for state in ("open", "half_open", "closed"):
+                self._transitions.labels(name, state)
 
     def semaphore_wait(self, upstream: str, seconds: float) -> None:
         self._wait.labels(upstream).observe(seconds)
