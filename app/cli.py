@@ -58,6 +58,11 @@ def _check_config(path: Path) -> int:
 
 
 def _serve(config: Path | None, host: str | None, port: int | None) -> int:
+    # First, before the heavy imports: as PID 1 a SIGTERM that finds no handler is dropped, not acted on.
+    from app.lifecycle.signals import EarlySignals
+
+    early = EarlySignals().install()
+
     from app.lifecycle.server import serve
     from app.observability.logging import configure_logging
     from app.settings import ServerSettings, load_settings
@@ -76,4 +81,4 @@ def _serve(config: Path | None, host: str | None, port: int | None) -> int:
             return 2
         settings = settings.model_copy(update={"server": server})
     configure_logging(settings.server.log_level, settings.server.log_format)
-    return serve(settings)
+    return serve(settings, early=early)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -50,6 +51,8 @@ class Database:
         self._executor = BoundedExecutor(name="db", workers=settings.executor_threads, queue_limit=settings.queue_limit)
         self._pool: ThreadedConnectionPool | None = None
         self._closed = False
+        self._running: set[psycopg2.extensions.connection] = set()
+        self._running_lock = threading.Lock()
 
     @property
     def executor(self) -> BoundedExecutor:
@@ -115,6 +118,8 @@ class Database:
         for attempt in (1, 2):
             conn = self._getconn()
             discard = False
+            with self._running_lock:
+                self._running.add(conn)
             try:
                 with conn.cursor() as cur:
                     cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(timeout_ms)),))
@@ -136,8 +141,23 @@ class Database:
                 discard = _rollback(conn) is False
                 raise DatabaseError(f"query failed: {_one_line(exc)}") from exc
             finally:
+                with self._running_lock:
+                    self._running.discard(conn)
                 self._putconn(conn, close=discard or bool(conn.closed))
         raise AssertionError("unreachable")
+
+    def cancel_running(self) -> int:
+        """Ask the server to cancel every query running now; returns how many. Blocking (one short connection to
+        the server per query): call it off the loop. Used when the drain timeout passes, so that queries whose
+        requests were cancelled do not hold the executor's close until their own statement timeout."""
+        with self._running_lock:
+            running = list(self._running)
+        for conn in running:
+            try:
+                conn.cancel()
+            except psycopg2.Error as exc:
+                log.warning("could not cancel a running query: %s", _one_line(exc))
+        return len(running)
 
     def _getconn(self) -> psycopg2.extensions.connection:
         try:
