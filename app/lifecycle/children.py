@@ -101,14 +101,18 @@ def stop_leftover_children(timeout: float = 1.0) -> int:
 
 
 def kill_children() -> None:
-    """Last resort: SIGKILL every descendant, helpers included. Never raises."""
+    """Last resort: SIGKILL every descendant but the resource tracker, which outlives the gateway by design and
+    then unlinks the semaphores and shared memory the gateway could not. Never raises."""
+    import multiprocessing.resource_tracker
+
     import psutil
 
+    tracker = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
     try:
-        procs = psutil.Process().children(recursive=True)
+        procs = [p for p in psutil.Process().children(recursive=True) if p.pid != tracker]
     except psutil.Error:
         return
+    # SIGKILL cannot be caught or ignored: no need to wait for the reaping, which is the parents' (or init's) job.
     for proc in procs:
         with contextlib.suppress(psutil.Error):
             proc.kill()
-    psutil.wait_procs(procs, timeout=0.5)

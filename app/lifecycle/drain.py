@@ -40,10 +40,11 @@ log = logging.getLogger("app.lifecycle")
 # After new SYNs are dropped, how long the loop keeps accepting handshakes already under way (an RTT is enough)
 # before uvicorn closes the listener.
 LISTENER_SETTLE_S = 0.1
-# The whole drain never takes longer than drain_delay + drain_timeout + 2 s; the watchdog fires a little before.
-BOUND_MARGIN_S = 1.75
+# The whole drain never takes longer than drain_delay + drain_timeout + 2 s: the watchdog fires half a second
+# before, which leaves time to kill the children and exit.
+BOUND_MARGIN_S = 1.5
 # After a second signal: at most this long to finish closing before the watchdog ends it.
-CUT_SHORT_GRACE_S = 1.75
+CUT_SHORT_GRACE_S = 1.5
 
 
 class Target(Protocol):
@@ -77,6 +78,7 @@ class Watchdog:
         self._cond = threading.Condition()
         self._deadline: float | None = None
         self._thread: threading.Thread | None = None
+        self.fired = False
 
     def arm(self, deadline: float) -> None:
         with self._cond:
@@ -97,6 +99,7 @@ class Watchdog:
                 if remaining <= 0:
                     break
                 self._cond.wait(remaining)
+            self.fired = True
         self._expire()
 
 

@@ -155,9 +155,13 @@ def serve(
     """Serve until SIGTERM/SIGINT, drain, and return the process exit code (see the module docstring)."""
     if early is None:
         early = EarlySignals().install()
-    drain = Drain(settings.server, InFlight(), watchdog=Watchdog(_watchdog_expired))
+    watchdog = Watchdog(_watchdog_expired)
+    drain = Drain(settings.server, InFlight(), watchdog=watchdog)
     server = build_server(settings, on_ready=on_ready, drain=drain, early=early)
     server.run()
+    if watchdog.fired:
+        # Killing the children may have released what was stuck; the watchdog still decides how this ends.
+        return EXIT_WATCHDOG
     children.stop_leftover_children()
     if server.stopped_before_start:
         return EXIT_OK

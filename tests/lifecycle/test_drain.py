@@ -15,7 +15,14 @@ import pytest
 from tests.support.balancer import Balancer
 from tests.support.drill import AGGREGATE_SLOW, MIX, TRANSFORM, write_config
 from tests.support.load import Load
-from tests.support.procs import ServeProcess, assert_stopped_cleanly, shm_segments, start_serve
+from tests.support.procs import (
+    ServeProcess,
+    assert_stopped_cleanly,
+    leftover_processes,
+    poll_until,
+    shm_segments,
+    start_serve,
+)
 from tests.support.upstream import Behavior, UpstreamServer
 
 BOUND_SLACK_S = 2.0  # the requirement: exit within drain_delay + drain_timeout + 2 s of the first signal
@@ -29,11 +36,8 @@ async def scrape(url: str, name: str) -> float:
     raise AssertionError(f"{name} not exported")
 
 
-async def wait_for_event(gw: ServeProcess, name: str, timeout: float = 15.0) -> None:  # noqa: ASYNC109
-    async with asyncio.timeout(timeout):
-        while gw.event(name) is None:
-            assert gw.proc.poll() is None or gw.event(name) is not None, gw.stderr()
-            await asyncio.sleep(0.02)
+async def wait_for_event(gw: ServeProcess, name: str) -> None:
+    await poll_until(lambda: gw.event(name) is not None, every=0.02)
 
 
 @pytest.mark.timeout(60)
@@ -243,3 +247,51 @@ def running_queries(dsn: str, needle: str) -> int:
     conn.close()
     assert row is not None
     return int(row[0])
+
+
+@pytest.mark.timeout(60)
+async def test_a_wedged_shutdown_still_ends_within_the_bound(
+    tmp_path: Path, pg_dsn: str, upstream: UpstreamServer
+) -> None:
+    timeout = 0.5
+    config = write_config(tmp_path, upstream_url=upstream.url, delay=0, timeout=timeout, workers=1)
+    sems_before = sem_files()
+    gw = start_serve(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn})
+    try:
+        await gw.wait_ready()
+        # A wedged worker (stopped, as a debugger or a frozen cgroup leaves it): the pool's close waits for it.
+        worker = next(p for p in gw.descendants() if p.ppid() != gw.gateway().pid)
+        worker.suspend()
+        async with aiohttp.ClientSession() as client:
+            job = asyncio.create_task(client.post(f"{gw.url}/transform/trig_log", json={"data": [1.0]}))
+            # In flight: the job and this scrape itself.
+            async with asyncio.timeout(10):
+                while await scrape(gw.url, "gateway_http_requests_in_flight") < 2:
+                    pass
+            signalled = time.time()
+            gw.signal(signal.SIGTERM)
+            code = await gw.wait_exit(timeout=timeout + BOUND_SLACK_S + 2)
+            elapsed = time.time() - signalled
+            status = (await job).status
+    finally:
+        gw.kill()
+
+    assert code == 5, gw.stderr()
+    assert elapsed <= timeout + BOUND_SLACK_S
+    assert status == 503
+    assert gw.event("drain_overran") is not None
+    assert leftover_processes(gw.marker) == []
+    # The resource tracker outlived the gateway and unlinked the semaphores it could no longer unlink itself.
+    assert new_sems(sems_before) == set()
+
+
+def sem_files() -> set[str]:
+    """POSIX named semaphores (multiprocessing's locks) in /dev/shm."""
+    return {p.name for p in Path("/dev/shm").glob("sem.*")}
+
+
+def new_sems(before: set[str], wait: float = 5.0) -> set[str]:
+    deadline = time.monotonic() + wait
+    while (new := sem_files() - before) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return new

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -111,6 +112,16 @@ class ServeProcess:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+async def poll_until(condition: Callable[[], bool], *, within: float = 15.0, every: float = 0.005) -> None:
+    """Re-check ``condition`` (state outside this process: a log, /proc) until it holds; TimeoutError after
+    ``within`` seconds."""
+    async with asyncio.timeout(within):
+        while True:
+            if condition():
+                return
+            await asyncio.sleep(every)
 
 
 def start_serve(
