@@ -50,5 +50,6 @@ def test_demo_ctrl_c_twice_exits_0_without_a_traceback(tmp_path: Path) -> None:
     output = out_path.read_text()
     assert code == 0, output
     assert "Traceback" not in output
+    assert "leaked" not in output
     assert "second signal (SIGINT)" in output
     assert leftover_processes(marker) == [], "the demo left processes behind"
