@@ -77,6 +77,11 @@ def _doctor(config: Path | None, replicas: int, shm_path: Path) -> int:
 
 
 def _serve(config: Path | None, host: str | None, port: int | None) -> int:
+    # First, before the heavy imports: as PID 1 a SIGTERM that finds no handler is dropped, not acted on.
+    from app.lifecycle.signals import EarlySignals
+
+    early = EarlySignals().install()
+
     from app.lifecycle.server import serve
     from app.observability.logging import configure_logging
     from app.settings import ServerSettings, load_settings
@@ -97,4 +102,4 @@ def _serve(config: Path | None, host: str | None, port: int | None) -> int:
     configure_logging(
         settings.server.log_level, settings.server.log_format, access_log=settings.observability.access_log
     )
-    return serve(settings)
+    return serve(settings, early=early)

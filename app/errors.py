@@ -9,8 +9,9 @@ GatewayError
 │   │   └── ValidationFailedError  422: the request is well-formed but its values are wrong
 │   ├── NotFoundError           404
 │   ├── PayloadTooLargeError    413
-    │   ├── ClientDisconnectedError 499: the client went away; its work was cancelled (nobody reads the answer)
-│   └── OverloadedError         503 + Retry-After: a bounded queue is full; the work was never started
+│   ├── ClientDisconnectedError 499: the client went away; its work was cancelled (nobody reads the answer)
+│   ├── OverloadedError         503 + Retry-After: a bounded queue is full; the work was never started
+│   └── ShuttingDownError       503 + Retry-After: the drain timeout passed (or a second signal came) mid-request
 └── SourceError                 one source of an aggregate failed; reported per source, never as HTTP
     ├── UpstreamError
     │   ├── UpstreamTimeoutError   timeout: one attempt overran its per-try timeout
@@ -104,6 +105,16 @@ class OverloadedError(ProblemError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class ShuttingDownError(ProblemError):
+    status = 503
+    type = "shutting-down"
+    title = "Shutting down"
+
+    def headers(self) -> dict[str, str]:
+        # The request was cut short by this instance stopping; another instance can take it at once.
+        return {"Retry-After": "0", "Connection": "close"}
 
 
 class SourceError(GatewayError):

@@ -40,9 +40,14 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
+def problem_for(exc: ProblemError) -> ProblemResponse:
+    """The response for a ProblemError; also used where no exception handler runs (pure ASGI middleware)."""
+    return problem(exc.status, exc.type, exc.title, exc.detail, errors=exc.errors, headers=exc.headers())
+
+
 async def _problem_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, ProblemError)
-    return problem(exc.status, exc.type, exc.title, exc.detail, errors=exc.errors, headers=exc.headers())
+    return problem_for(exc)
 
 
 async def _request_validation(request: Request, exc: Exception) -> ProblemResponse:

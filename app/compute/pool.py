@@ -17,6 +17,7 @@ import pebble
 from app.compute.worker import init_worker, ping
 from app.concurrency import run_in_own_thread
 from app.errors import OverloadedError, ResourceClosedError
+from app.lifecycle.children import group_signals_blocked
 from app.settings import ComputeSettings
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,12 @@ class CpuPool:
         await run_in_own_thread(self._start, name="cpu-pool-start")
 
     def _start(self) -> None:
+        # The forkserver and the workers are started from this thread (and pebble's threads, which it starts):
+        # they inherit its mask, so a signal to the whole process group does not kill them mid-drain.
+        with group_signals_blocked():
+            self._start_pool()
+
+    def _start_pool(self) -> None:
         ctx = multiprocessing.get_context(self._settings.start_method)
         if self._settings.start_method == "forkserver":
             ctx.set_forkserver_preload(["app.compute.worker", "numpy"])

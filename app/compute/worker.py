@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import os
-import signal
+
+from app.lifecycle.children import leave_parent_process_group
 
 
 def init_worker() -> None:
-    """Worker initializer: survive signals sent to the whole process group, and pay imports up front.
+    """Worker initializer: out of reach of signals sent to the whole process group, and imports paid up front.
 
     Ctrl-C or ``tini -g`` signal every process of the group; a worker that died of it would drop the job the
-    gateway is still draining. The gateway ends its workers itself.
+    gateway is still draining. The gateway ends its workers itself: SIGTERM from the pool stops one at once.
     """
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    leave_parent_process_group()
     import numpy  # noqa: F401  (warm: the first request must not pay numpy's import)
 
 

@@ -64,6 +64,8 @@ class Database:
         self._canceller = BoundedExecutor(name="db-cancel", workers=2, queue_limit=settings.executor_threads)
         self._pool: ThreadedConnectionPool | None = None
         self._closed = False
+        self._running: set[_Job] = set()
+        self._running_lock = threading.Lock()
 
     @property
     def executor(self) -> BoundedExecutor:
@@ -168,6 +170,8 @@ class Database:
                     raise QueryTimeoutError("query cancelled before it started")
                 job.conn = conn
             discard = False
+            with self._running_lock:
+                self._running.add(job)
             try:
                 with conn.cursor() as cur:
                     cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(timeout_ms)),))
@@ -194,8 +198,22 @@ class Database:
                 # Detach under the lock first: a late cancel must never hit the next query on this connection.
                 with job.lock:
                     job.conn = None
+                with self._running_lock:
+                    self._running.discard(job)
                 self._putconn(conn, close=discard or bool(conn.closed))
         raise AssertionError("unreachable")
+
+    def cancel_running(self) -> int:
+        """Ask the server to cancel every query running now; returns how many. Blocking (one short connection to
+        the server per query): call it off the loop. Used when the drain timeout passes, so that queries whose
+        requests were cancelled do not hold the executor's close until their own statement timeout."""
+        with self._running_lock:
+            running = list(self._running)
+        for job in running:
+            with job.lock:
+                job.cancelled = True
+            _cancel_if_owned(job)  # checks, under the job's lock, that the connection still runs this job
+        return len(running)
 
     def _getconn(self) -> psycopg2.extensions.connection:
         try:
@@ -250,7 +268,7 @@ class Database:
             await run_in_own_thread(pool.closeall, name="db-pool-close")
 
 
-@dataclass
+@dataclass(eq=False)  # identity semantics: jobs live in a set
 class _Job:
     """One query's link between the awaiting coroutine and the thread running it."""
 

@@ -1,1 +1,1 @@
-"""Process lifecycle: the lifespan that owns resources, readiness, and the server runner."""
+"""Process lifecycle: the lifespan that owns resources, readiness, the server runner, and the drain on SIGTERM."""

@@ -26,10 +26,11 @@ class Readiness:
         return [name for name in self.expected if name not in self.started]
 
     def report(self) -> dict[str, object]:
-        if self.draining:
-            status = "draining"
-        elif self.stopping:
+        # Draining comes first, stopping (the lifespan closing resources) after it.
+        if self.stopping:
             status = "stopping"
+        elif self.draining:
+            status = "draining"
         elif self.missing():
             status = "starting"
         else:

@@ -51,8 +51,6 @@ class HttpMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        if metrics is not None:
-            metrics.in_flight.inc()
         tracing = gateway.tracing if gateway is not None else None
         span_cm = tracing.request_span(scope, scope["method"]) if tracing is not None else contextlib.nullcontext()
         try:
@@ -69,7 +67,6 @@ class HttpMetricsMiddleware:
             route = route_template(scope)
             method = scope["method"] if route != UNMATCHED else "other"
             if metrics is not None:
-                metrics.in_flight.dec()
                 metrics.requests.labels(route, method, str(status)).inc()
                 metrics.request_latency.labels(route, method).observe(elapsed)
             if route not in ("/healthz", "/readyz", "/metrics"):

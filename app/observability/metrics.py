@@ -47,9 +47,6 @@ class Metrics:
         self.loop_blocked = Counter(
             "gateway_event_loop_blocked", "Callbacks that blocked the loop past the detector threshold.", registry=r
         )
-        self.drain_cancelled = Counter(
-            "gateway_drain_cancelled_requests", "Requests cancelled because drain_timeout passed.", registry=r
-        )
 
         self.requests = Counter(
             "gateway_http_requests", "HTTP requests answered.", ["route", "method", "status"], registry=r
@@ -58,7 +55,8 @@ class Metrics:
             "gateway_http_request_duration_seconds", "HTTP request latency.", ["route", "method"],
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.in_flight = Gauge("gateway_http_requests_in_flight", "Requests being served.", registry=r)
+        # gateway_http_requests_in_flight and gateway_drain_cancelled_requests_total come from the drain's own
+        # collector (app/lifecycle/drain.py), which owns the in-flight count.
         self.shed = Counter("gateway_http_requests_shed", "Requests refused at once with 503.", ["reason"], registry=r)
 
         self.db_executor = ExecutorMetrics("db_executor", "DB executor", r)
@@ -87,6 +85,9 @@ class Metrics:
             self.shed.labels(reason)
         for transport in ("shm", "pickle"):
             self.cpu_transfer.labels(transport)
+
+    def add_collector(self, collector: Collector) -> None:
+        self.registry.register(collector)
 
     def register_state(self, state: GatewayState, lag_window: Callable[[], float]) -> None:
         self.registry.register(StateCollector(state, lag_window))

@@ -66,7 +66,7 @@ async def test_retries_stop_at_the_deadline(upstream: UpstreamServer) -> None:
     assert result["ok"] is False
     assert 1 <= result["attempts"] < 10
     assert upstream.count("/down") == result["attempts"]
-    assert elapsed < 0.4
+    assert elapsed < 0.6  # the deadline is 250 ms; the margin absorbs a loaded 2-core machine
 
 
 async def test_retry_after_is_honoured(upstream: UpstreamServer) -> None:

@@ -1,0 +1,118 @@
+"""Child processes and the signals meant for the gateway.
+
+Ctrl-C and ``tini -g`` signal the whole process group. The gateway's helper processes must not die of a signal
+that starts a drain: the forkserver dying makes every worker look dead to the pool (its exit status arrives through
+the forkserver), and a worker dying drops the CPU job the gateway is still waiting for. Two measures:
+
+- ``group_signals_blocked()`` in the thread that starts the CPU pool: the processes started from it (forkserver,
+  worker processes under "spawn") inherit the blocked mask, so SIGINT and SIGTERM stay pending there for ever.
+  The standard library starts its resource tracker the same way.
+- ``leave_parent_process_group()`` as the first step of each worker: a process group of its own, so no group
+  signal reaches it; then SIGTERM is unblocked again, because the pool stops a worker by sending it SIGTERM.
+
+The gateway ends its children itself (the lifespan closes the pool); ``stop_leftover_children()`` is the safety
+net after the server has stopped, and ``kill_children()`` the last resort when the drain overran its bound.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+from collections.abc import Iterator
+
+log = logging.getLogger("app.lifecycle")
+
+GROUP_SIGNALS = frozenset({signal.SIGINT, signal.SIGTERM})
+
+
+@contextlib.contextmanager
+def group_signals_blocked() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in the calling thread (never the main thread, which handles them) meanwhile."""
+    import multiprocessing.resource_tracker
+
+    # Started first: starting it ends by *unblocking* these two signals in the calling thread, which would undo
+    # the block for the forkserver started next. It ignores them itself.
+    multiprocessing.resource_tracker.ensure_running()
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, GROUP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def leave_parent_process_group() -> None:
+    """In a worker process: move to a process group of its own, drop the group signals that arrived before, and
+    unblock them. Signal dispositions are left as the pool set them."""
+    os.setpgid(0, 0)
+    # Anything pending now was sent to the gateway's group before the move; it was meant for the gateway.
+    while signal.sigtimedwait(GROUP_SIGNALS, 0) is not None:
+        pass
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, GROUP_SIGNALS)
+
+
+def _helper_pids() -> set[int]:
+    """The standard library's own helpers, which exit by themselves once the gateway has exited."""
+    import multiprocessing.forkserver
+    import multiprocessing.resource_tracker
+
+    pids: set[int] = set()
+    # Private attributes, unchanged since Python 3.4; a missing one only makes the safety net stricter.
+    forkserver_pid = getattr(getattr(multiprocessing.forkserver, "_forkserver", None), "_forkserver_pid", None)
+    tracker_pid = getattr(getattr(multiprocessing.resource_tracker, "_resource_tracker", None), "_pid", None)
+    for pid in (forkserver_pid, tracker_pid):
+        if isinstance(pid, int):
+            pids.add(pid)
+    return pids
+
+
+def stop_leftover_children(timeout: float = 1.0) -> int:
+    """Terminate, then kill, every descendant still running except the standard library's helpers.
+
+    Called after the lifespan closed everything: normally nothing is left, and anything that is, is a bug that
+    would otherwise outlive the gateway as an orphan. Returns how many were left.
+    """
+    import psutil
+
+    helpers = _helper_pids()
+    try:
+        # Recursive: the forkserver's workers are its children, not the gateway's.
+        descendants = psutil.Process().children(recursive=True)
+        leftovers = [p for p in descendants if p.pid not in helpers and p.status() != psutil.STATUS_ZOMBIE]
+    except psutil.Error:
+        return 0
+    if not leftovers:
+        return 0
+    log.warning(
+        "%d child process(es) outlived the lifespan; stopping them",
+        len(leftovers),
+        extra={"event": "leftover_children", "pids": [p.pid for p in leftovers]},
+    )
+    for proc in leftovers:
+        with contextlib.suppress(psutil.Error):
+            proc.terminate()
+    _, alive = psutil.wait_procs(leftovers, timeout=timeout)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=timeout)
+    return len(leftovers)
+
+
+def kill_children() -> None:
+    """Last resort: SIGKILL every descendant but the resource tracker, which outlives the gateway by design and
+    then unlinks the semaphores and shared memory the gateway could not. Never raises."""
+    import multiprocessing.resource_tracker
+
+    import psutil
+
+    tracker = getattr(multiprocessing.resource_tracker._resource_tracker, "_pid", None)
+    try:
+        procs = [p for p in psutil.Process().children(recursive=True) if p.pid != tracker]
+    except psutil.Error:
+        return
+    # SIGKILL cannot be caught or ignored: no need to wait for the reaping, which is the parents' (or init's) job.
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
