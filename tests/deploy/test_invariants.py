@@ -104,7 +104,7 @@ def test_probes_hit_real_endpoints_on_the_served_port(
     paths = app_paths()
     container = k8s.container
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"http": settings.server.port}
+    assert ports == {"http": settings.server.port, "admin": settings.observability.admin_port}
     assert settings.server.host == "0.0.0.0"
     probes = {kind: container[kind]["httpGet"] for kind in ("startupProbe", "readinessProbe", "livenessProbe")}
     assert probes["readinessProbe"]["path"] == "/readyz"
@@ -385,7 +385,9 @@ def test_network_policy_lets_the_gateway_reach_what_it_is_configured_for(
         assert port in egress_ports, f"upstream {name} ({upstream.base_url}) is blocked by the NetworkPolicy"
     assert 5432 in egress_ports
     assert 53 in egress_ports
-    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["http"]
+    assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["http", "admin"]
+    (admin_rule,) = [rule for rule in policy["ingress"] if rule["ports"][0]["port"] == "admin"]
+    assert admin_rule["from"], "the admin port must not be open to every pod"
 
 
 # --- compose ---
@@ -417,7 +419,16 @@ def test_compose_wires_the_monitoring_files() -> None:
     assert "./deploy/compose/gateway.toml:/etc/gateway/gateway.toml:ro" in gateway["volumes"]
     assert "GATEWAY_DATABASE_URL" in gateway["environment"]
     targets = yaml.safe_load((DOCKERFILE.parent / "deploy/compose/prometheus.yml").read_text())
-    assert targets["scrape_configs"][0]["static_configs"][0]["targets"] == ["gateway:8080"]
+    admin_port = compose_settings_port()
+    assert targets["scrape_configs"][0]["static_configs"][0]["targets"] == [f"gateway:{admin_port}"]
+
+
+def compose_settings_port() -> int:
+    import tomllib
+
+    data = tomllib.loads((DOCKERFILE.parent / "deploy/compose/gateway.toml").read_text())
+    port: int = data["observability"]["admin_port"]
+    return port
 
 
 # --- metrics ---
