@@ -6,10 +6,25 @@ GatewayError
 ├── StartupError                a resource could not be opened (the database is unreachable, ...)
 ├── ProblemError                answered to the client as an RFC 9457 problem (app/problems.py)
 │   ├── BadRequestError         400: the request is malformed or names things that do not exist
+│   │   ├── MalformedInputError    400: the body is not the JSON or .npy it claims to be, or is cut short
 │   │   └── ValidationFailedError  422: the request is well-formed but its values are wrong
+│   │       ├── InvalidParamsError     the transform's params do not validate
+│   │       ├── NonNumericDataError    data holds strings, booleans, null or objects
+│   │       ├── RaggedDataError        nested lists of unequal lengths or depths
+│   │       ├── UnsupportedDtypeError  an element type the transform does not accept
+│   │       ├── UnsupportedRankError   a number of dimensions the transform does not accept
+│   │       ├── TooManyElementsError   more elements than the transform or the gateway allows
+│   │       ├── NonFiniteDataError     NaN or infinity where the transform forbids them
+│   │       └── InvalidInputError      values the transform refuses (out of range, empty, ...)
 │   ├── NotFoundError           404
+│   ├── NotAcceptableError      406: no answer format the client accepts
 │   ├── PayloadTooLargeError    413
-│   └── OverloadedError         503 + Retry-After: a bounded queue is full; the work was never started
+│   ├── UnsupportedMediaTypeError  415
+│   ├── TransformFailedError    500: a transform raised or returned something unusable (a bug in it)
+│   ├── OverloadedError         503 + Retry-After: a bounded queue is full; the work was never started
+│   │   └── WorkerUnavailableError  no worker became free within queue_timeout_s
+│   ├── WorkerCrashedError      503 + Retry-After: the worker process died while running the job
+│   └── TransformTimeoutError   504: the job overran job_timeout_s; its worker was killed and replaced
 └── SourceError                 one source of an aggregate failed; reported per source, never as HTTP
     ├── UpstreamError
     │   ├── UpstreamTimeoutError   timeout: one attempt overran its per-try timeout
@@ -86,6 +101,69 @@ class PayloadTooLargeError(ProblemError):
     title = "Payload too large"
 
 
+class MalformedInputError(BadRequestError):
+    type = "malformed-input"
+    title = "Malformed input"
+
+
+class InvalidParamsError(ValidationFailedError):
+    type = "invalid-params"
+    title = "Invalid transform parameters"
+
+
+class NonNumericDataError(ValidationFailedError):
+    type = "non-numeric-data"
+    title = "Data is not numeric"
+
+
+class RaggedDataError(ValidationFailedError):
+    type = "ragged-data"
+    title = "Data is not a rectangular array"
+
+
+class UnsupportedDtypeError(ValidationFailedError):
+    type = "unsupported-dtype"
+    title = "Unsupported element type"
+
+
+class UnsupportedRankError(ValidationFailedError):
+    type = "unsupported-rank"
+    title = "Unsupported number of dimensions"
+
+
+class TooManyElementsError(ValidationFailedError):
+    type = "too-many-elements"
+    title = "Too many elements"
+
+
+class NonFiniteDataError(ValidationFailedError):
+    type = "non-finite-data"
+    title = "Data holds NaN or infinity"
+
+
+class InvalidInputError(ValidationFailedError):
+    type = "invalid-input"
+    title = "Input refused by the transform"
+
+
+class NotAcceptableError(ProblemError):
+    status = 406
+    type = "not-acceptable"
+    title = "Not acceptable"
+
+
+class UnsupportedMediaTypeError(ProblemError):
+    status = 415
+    type = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class TransformFailedError(ProblemError):
+    status = 500
+    type = "transform-failed"
+    title = "Transform failed"
+
+
 class OverloadedError(ProblemError):
     status = 503
     type = "overloaded"
@@ -97,6 +175,26 @@ class OverloadedError(ProblemError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class WorkerUnavailableError(OverloadedError):
+    type = "worker-unavailable"
+    title = "No worker available"
+
+
+class WorkerCrashedError(ProblemError):
+    status = 503
+    type = "worker-crashed"
+    title = "Worker crashed"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class TransformTimeoutError(ProblemError, TimeoutError):
+    status = 504
+    type = "transform-timeout"
+    title = "Transform timed out"
 
 
 class SourceError(GatewayError):
