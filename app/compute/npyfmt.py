@@ -74,7 +74,7 @@ def parse_header(raw: bytes | bytearray) -> NpyHeader:
             shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=MAX_HEADER_BYTES)
         else:
             shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=MAX_HEADER_BYTES)
-    except (ValueError, TypeError, SyntaxError, OverflowError) as exc:
+    except Exception as exc:  # numpy's reader raises ValueError, SyntaxError, tokenize.TokenError, ...
         raise MalformedInputError(f"the .npy header is invalid: {exc}") from exc
     if any(not isinstance(n, int) or n < 0 for n in shape):
         raise MalformedInputError("the .npy header has an invalid shape")

@@ -637,6 +637,7 @@ class CpuPool:
         c["pickle_bytes"] += record.pickle_bytes
         if answer is not None and answer.shm_fallback:
             c["shm_fallbacks"] += 1
+            log.warning("/dev/shm could not hold a %d-byte answer; it came through the pipe", answer.length)
 
     def count_input_fallback(self) -> None:
         """The gateway could not back an input segment (/dev/shm full) and sent the array inline instead."""

@@ -249,7 +249,9 @@ async def stage_json(
             staged.close()
             raise
     finally:
-        body.close()
+        # Dropped, not closed: the scan's arrays (and a traceback's frames) may still view it; it is unmapped
+        # when the last of them goes.
+        del body
     try:
         await _finish_checks(staged, spec, params)
     except BaseException:

@@ -112,6 +112,8 @@ def _checked(spec: TransformSpec, array: npt.NDArray[Any], params: Any, result: 
         if not isinstance(result, dict):
             raise _BadResult(f"transform {spec.name} returned {type(result).__name__}, not a mapping")
         return result
+    if isinstance(result, np.generic):  # NumPy turns 0-d results into scalars
+        result = np.asarray(result)
     if not isinstance(result, np.ndarray):
         raise _BadResult(f"transform {spec.name} returned {type(result).__name__}, not an ndarray")
     if result.dtype.kind not in "biuf":
@@ -123,7 +125,8 @@ def _checked(spec: TransformSpec, array: npt.NDArray[Any], params: Any, result: 
                 f"transform {spec.name} returned {result.dtype}{list(result.shape)}, "
                 f"declared {np.dtype(dtype)}{list(shape)}"
             )
-    return np.ascontiguousarray(result)
+    # Not np.ascontiguousarray: it turns a 0-d array into a 1-element one.
+    return result if result.flags.c_contiguous else result.copy(order="C")
 
 
 def _answer_npy(job: Job, result: npt.NDArray[Any]) -> Answer:
@@ -140,6 +143,8 @@ def _answer_npy(job: Job, result: npt.NDArray[Any]) -> Answer:
 
 
 def _answer_json(job: Job, result: Any) -> Answer:
+    if isinstance(result, np.ndarray) and result.ndim == 0:
+        result = result.item()  # orjson writes a 0-d array as a one-element list
     try:
         body = orjson.dumps({"result": result}, option=orjson.OPT_SERIALIZE_NUMPY)
     except orjson.JSONEncodeError as exc:
