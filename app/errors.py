@@ -18,6 +18,7 @@ GatewayError
 │   │       └── InvalidInputError      values the transform refuses (out of range, empty, ...)
 │   ├── NotFoundError           404
 │   ├── NotAcceptableError      406: no answer format the client accepts
+│   ├── RequestTimeoutError     408: the body did not arrive within its time limit
 │   ├── PayloadTooLargeError    413
 │   ├── UnsupportedMediaTypeError  415
 │   ├── TransformFailedError    500: a transform raised or returned something unusable (a bug in it)
@@ -93,6 +94,12 @@ class NotFoundError(ProblemError):
     status = 404
     type = "not-found"
     title = "Not found"
+
+
+class RequestTimeoutError(ProblemError):
+    status = 408
+    type = "request-timeout"
+    title = "Request timeout"
 
 
 class PayloadTooLargeError(ProblemError):

@@ -6,9 +6,8 @@ executor (``BrokenProcessPool`` for every job in flight), and pebble, which can 
 waits 3 s before SIGKILL (workers ignore SIGTERM here), and puts its pool into an error state when an idle worker
 dies. This pool owns each worker individually:
 
-- every worker has its own duplex pipe and a *courier* thread in the gateway that starts the process, sends it one
-  job at a time and blocks on its answer (pipe I/O releases the GIL; big buffers go out of band, see ``wire``);
-- all pool state lives on the event loop; couriers report through ``call_soon_threadsafe``;
+- every worker has its own pipe and a courier thread in the gateway (``workers``); all pool state lives on the
+  event loop, where the couriers' reports arrive;
 - a job past ``job_timeout_s`` gets its worker SIGKILLed (through a pidfd, so a recycled pid is never hit) and
   answers 504; a worker that dies by itself fails its running job with 503, and a job it had not yet started is
   retried once on another worker. Either way a fresh worker replaces it; nothing else is affected;
@@ -28,20 +27,16 @@ import contextlib
 import itertools
 import logging
 import multiprocessing
-import os
-import queue
-import signal
-import threading
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from multiprocessing.connection import Connection
-from typing import Any, Literal, Protocol
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from app.compute import shm
 from app.compute.registry import Registry, TransformDefinitionError, discover_plugins, load_registry
-from app.compute.wire import Answer, Job, ShmArray, recv_message, send_message
-from app.compute.worker import worker_main
+from app.compute.stats import JobRecord, Outcome, PoolObserver, PoolStats, Transport
+from app.compute.wire import Answer, Job, ShmArray
+from app.compute.workers import STOP_GRACE_S, ExitReason, WorkerProcess, describe_exit
 from app.errors import (
     InvalidInputError,
     OverloadedError,
@@ -57,50 +52,7 @@ from app.settings import ComputeSettings
 log = logging.getLogger(__name__)
 
 START_TIMEOUT_S = 60.0
-STOP_GRACE_S = 5.0
 RESPAWN_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
-
-Transport = Literal["shm", "pickle"]
-Outcome = Literal["ok", "error", "timeout", "crashed", "cancelled", "queue_timeout"]
-ExitReason = Literal["recycled", "crashed", "killed", "shutdown", "start_failed"]
-
-
-@dataclass(frozen=True)
-class JobRecord:
-    """What one job did: which transport carried its input and its answer, and the bytes each moved."""
-
-    transform: str
-    outcome: Outcome
-    input_transport: Transport
-    output_transport: Transport | None
-    shm_bytes: int  # array bytes that went through segments (input and answer)
-    pickle_bytes: int  # bytes written to and read from the worker's pipe (pickles and their out-of-band frames)
-    queue_wait_s: float
-    run_s: float  # from dispatch to answer, as the gateway saw it
-    cpu_s: float  # CPU time the worker process spent on the transform and its encoding
-    worker_pid: int | None
-
-
-class PoolObserver(Protocol):
-    """Metrics hook. Called on the event-loop thread: implementations must be quick and must not block."""
-
-    def job_rejected(self, transform: str) -> None: ...
-    def job_started(self, transform: str, queue_wait_s: float) -> None: ...
-    def job_finished(self, record: JobRecord) -> None: ...
-    def worker_exited(self, pid: int | None, reason: ExitReason) -> None: ...
-
-
-@dataclass(frozen=True)
-class PoolStats:
-    workers: int
-    alive: int
-    busy: int
-    waiting: int
-    admitted: int
-    capacity: int
-    worker_pids: tuple[int, ...]
-    busy_pids: tuple[int, ...]
-    counters: dict[str, int]
 
 
 @dataclass(frozen=True)
@@ -137,7 +89,7 @@ class _Task:
     future: asyncio.Future[Answer]
     queued_at: float
     dispatched_at: float = 0.0
-    worker: _Worker | None = None
+    worker: WorkerProcess | None = None
     started: bool = False
     attempts: int = 0
     timed_out: bool = False
@@ -146,43 +98,6 @@ class _Task:
     queue_timer: asyncio.TimerHandle | None = None
     run_timer: asyncio.TimerHandle | None = None
     record: JobRecord | None = None
-
-
-@dataclass(eq=False)
-class _Worker:
-    index: int
-    inbox: queue.SimpleQueue[_Task | None] = field(default_factory=queue.SimpleQueue)
-    state: Literal["starting", "idle", "busy", "retiring", "doomed"] = "starting"
-    pid: int | None = None
-    task: _Task | None = None
-    tasks_done: int = 0
-    exit_reason: ExitReason | None = None
-    _pidfd: int = -1
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def set_process(self, pid: int) -> None:
-        with self._lock:
-            self.pid = pid
-            try:
-                self._pidfd = os.pidfd_open(pid)
-            except OSError:  # older kernels: plain kill(), with the (tiny) pid-reuse window it has
-                self._pidfd = -1
-
-    def kill(self) -> None:
-        with self._lock:
-            try:
-                if self._pidfd >= 0:
-                    signal.pidfd_send_signal(self._pidfd, signal.SIGKILL)
-                elif self.pid is not None:
-                    os.kill(self.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def forget_process(self) -> None:
-        with self._lock:
-            if self._pidfd >= 0:
-                os.close(self._pidfd)
-                self._pidfd = -1
 
 
 class CpuPool:
@@ -205,8 +120,8 @@ class CpuPool:
         self._registry: Registry | None = None
         self._ctx: multiprocessing.context.BaseContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._workers: set[_Worker] = set()
-        self._idle: collections.deque[_Worker] = collections.deque()
+        self._workers: set[WorkerProcess] = set()
+        self._idle: collections.deque[WorkerProcess] = collections.deque()
         self._waiting: collections.deque[_Task] = collections.deque()
         self._admitted = 0
         self._ids = itertools.count(1)
@@ -340,7 +255,13 @@ class CpuPool:
         for worker in list(self._workers):
             self._retire(worker, "shutdown")
         if self._workers:
-            await self._all_exited.wait()
+            try:
+                await asyncio.wait_for(self._all_exited.wait(), 2 * STOP_GRACE_S)
+            except TimeoutError:
+                # One still starting (stuck before it could say ready) never reads its retirement: kill it.
+                for worker in list(self._workers):
+                    worker.kill()
+                await self._all_exited.wait()
         for name in self.namer.mine():
             log.warning("unlinking leftover shared-memory segment %s", name)
             with contextlib.suppress(OSError):
@@ -350,64 +271,17 @@ class CpuPool:
     # -- workers -----------------------------------------------------------------------------------------------
 
     def _spawn(self) -> None:
-        worker = _Worker(next(self._indexes))
-        self._workers.add(worker)
-        self._all_exited.clear()
-        thread = threading.Thread(target=self._courier, args=(worker,), name=f"cpu-courier-{worker.index}")
-        thread.daemon = True  # never keeps the interpreter alive; the atexit hook kills what is left
-        thread.start()
-
-    def _courier(self, worker: _Worker) -> None:
-        """Runs in the worker's courier thread: starts the process, ferries its jobs, reaps it."""
         assert self._ctx is not None
         assert self._registry is not None
-        conn: Connection | None = None
-        process: Any = None
-        ready = False
-        try:
-            conn, child = self._ctx.Pipe(duplex=True)
-            process = self._ctx.Process(  # type: ignore[attr-defined]
-                target=worker_main, args=(child, self._registry.plugin_refs), name=f"gateway-cpu-{worker.index}"
-            )
-            process.start()
-            child.close()  # only the worker holds its end now, so its death reads as EOF here
-            worker.set_process(process.pid)
-            message, _ = recv_message(conn)
-            ready = message[0] == "ready"
-            self._post(self._on_ready, worker)
-            while (task := worker.inbox.get()) is not None:
-                sent = send_message(conn, ("job", task.id, task.job))
-                while True:
-                    message, received = recv_message(conn)
-                    if message[0] == "started":
-                        self._post(self._on_started, task)
-                        continue
-                    self._post(self._on_reply, worker, task, message, sent + received)
-                    break
-        except (EOFError, OSError):
-            pass  # the worker died (or was killed); reported below with its exit code
-        except Exception:
-            log.exception("CPU courier %d failed", worker.index)
-        finally:
-            exitcode = None
-            if conn is not None:
-                conn.close()  # a live worker reads EOF and exits
-            if process is not None and process.pid is not None:
-                process.join(STOP_GRACE_S)
-                if process.exitcode is None:
-                    worker.kill()
-                    process.join()
-                exitcode = process.exitcode
-                process.close()
-            worker.forget_process()
-            self._post(self._on_exit, worker, exitcode, ready)
-
-    def _post(self, callback: Callable[..., None], *args: Any) -> None:
         assert self._loop is not None
-        with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter exit): nobody to tell
-            self._loop.call_soon_threadsafe(callback, *args)
+        worker = WorkerProcess(next(self._indexes))
+        self._workers.add(worker)
+        self._all_exited.clear()
+        worker.start(self._ctx, self._registry.plugin_refs, self, self._loop)
 
-    def _on_ready(self, worker: _Worker) -> None:
+    # -- WorkerEvents: reports from the couriers, on the loop --------------------------------------------------
+
+    def on_ready(self, worker: WorkerProcess) -> None:
         if worker.state != "starting":
             return
         self._spawn_failures = 0
@@ -422,7 +296,7 @@ class CpuPool:
             waiter.set_result(None)
         self._dispatch()
 
-    def _retire(self, worker: _Worker, reason: ExitReason) -> None:
+    def _retire(self, worker: WorkerProcess, reason: ExitReason) -> None:
         if worker.task is not None:
             worker.state = "doomed"
             worker.exit_reason = reason
@@ -432,9 +306,9 @@ class CpuPool:
         worker.exit_reason = worker.exit_reason or reason
         with contextlib.suppress(ValueError):
             self._idle.remove(worker)
-        worker.inbox.put(None)
+        worker.retire()
 
-    def _on_exit(self, worker: _Worker, exitcode: int | None, was_ready: bool) -> None:
+    def on_exit(self, worker: WorkerProcess, exitcode: int | None, was_ready: bool) -> None:
         self._workers.discard(worker)
         with contextlib.suppress(ValueError):
             self._idle.remove(worker)
@@ -443,7 +317,7 @@ class CpuPool:
         self._notify("worker_exited", worker.pid, reason)
         if reason == "crashed":
             self._counters["workers_crashed"] += 1
-            log.warning("CPU worker %s died (%s)", worker.pid, _describe_exit(exitcode))
+            log.warning("CPU worker %s died (%s)", worker.pid, describe_exit(exitcode))
         elif reason == "recycled":
             self._counters["workers_recycled"] += 1
         if task is not None:
@@ -452,7 +326,7 @@ class CpuPool:
         if reason == "start_failed" and waiter is not None and not waiter.done():
             # During start(): fail it rather than retry forever; the lifespan then closes what was opened.
             self._counters["worker_start_failures"] += 1
-            waiter.set_exception(StartupError(f"a CPU worker failed to start ({_describe_exit(exitcode)})"))
+            waiter.set_exception(StartupError(f"a CPU worker failed to start ({describe_exit(exitcode)})"))
         elif not self._closing:
             self._schedule_respawn(reason)
         if not self._workers:
@@ -489,13 +363,13 @@ class CpuPool:
             task.worker = worker
             task.dispatched_at = time.perf_counter()
             task.run_timer = self._loop.call_later(self._settings.job_timeout_s, self._on_job_timeout, task)
-            worker.inbox.put(task)
+            worker.hand(task)
             self._notify("job_started", task.job.transform, task.dispatched_at - task.queued_at)
 
-    def _on_started(self, task: _Task) -> None:
+    def on_started(self, worker: WorkerProcess, task: _Task) -> None:
         task.started = True
 
-    def _on_reply(self, worker: _Worker, task: _Task, message: tuple[Any, ...], pipe_bytes: int) -> None:
+    def on_reply(self, worker: WorkerProcess, task: _Task, message: tuple[Any, ...], pipe_bytes: int) -> None:
         task.pickle_bytes += pipe_bytes
         if worker.task is task:
             worker.task = None
@@ -555,19 +429,22 @@ class CpuPool:
             )
         elif task.abandoned:
             self._finish(task, "cancelled")
-        elif not task.started and task.attempts == 0 and not self._closed:
+        elif not task.started and task.attempts == 0:
             # It never ran, so it cannot be what killed the worker: one more try on another worker.
+            assert self._loop is not None
             task.attempts += 1
             task.worker = None
+            task.dispatched_at = 0.0
             self._counters["retried"] += 1
             if task.run_timer is not None:
                 task.run_timer.cancel()
             self._waiting.appendleft(task)
+            task.queue_timer = self._loop.call_later(self._settings.queue_timeout_s, self._on_queue_timeout, task)
         else:
             self._finish(
                 task,
                 "crashed",
-                exc=WorkerCrashedError(f"the worker running the job died ({_describe_exit(exitcode)}); retry later"),
+                exc=WorkerCrashedError(f"the worker running the job died ({describe_exit(exitcode)}); retry later"),
             )
 
     def _abandon(self, task: _Task) -> None:
@@ -616,7 +493,7 @@ class CpuPool:
             worker_pid=task.worker.pid if task.worker is not None else None,
         )
         task.record = record
-        self._count(record, answer)
+        self._count(record, answer, sent)
         self._notify("job_finished", record)
         if not task.future.done():
             if exc is not None:
@@ -626,10 +503,10 @@ class CpuPool:
             else:
                 task.future.cancel()
 
-    def _count(self, record: JobRecord, answer: Answer | None) -> None:
+    def _count(self, record: JobRecord, answer: Answer | None, sent: bool) -> None:
         c = self._counters
         c[f"jobs_{record.outcome}"] += 1
-        if record.run_s or record.pickle_bytes:
+        if sent:
             c[f"{record.input_transport}_inputs"] += 1
         if record.output_transport is not None:
             c[f"{record.output_transport}_outputs"] += 1
@@ -651,7 +528,7 @@ class CpuPool:
         if not self._admitted and not self._waiting and not self._busy():
             self._drained.set()
 
-    def _busy(self) -> list[_Worker]:
+    def _busy(self) -> list[WorkerProcess]:
         return [w for w in self._workers if w.task is not None]
 
     def _notify(self, method: str, *args: Any) -> None:
@@ -667,14 +544,3 @@ class CpuPool:
         # forever at exit. Registered at start(), so it runs before multiprocessing's own exit handler.
         for worker in list(self._workers):
             worker.kill()
-
-
-def _describe_exit(exitcode: int | None) -> str:
-    if exitcode is None:
-        return "exit status unknown"
-    if exitcode < 0:
-        try:
-            return f"killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"killed by signal {-exitcode}"
-    return f"exit code {exitcode}"

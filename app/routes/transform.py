@@ -24,6 +24,7 @@ from app.errors import (
     MalformedInputError,
     NotFoundError,
     PayloadTooLargeError,
+    RequestTimeoutError,
     UnsupportedMediaTypeError,
 )
 from app.responses import JSONResponse
@@ -75,13 +76,18 @@ async def transform(name: str, request: Request) -> Response:
 
     with pool.admit(name) as admission:  # 503 + Retry-After at once when full; the place is ours until we leave
         try:
-            if query_params is None:
-                staged, params = await staging.stage_json(request.stream(), spec, settings, pool, content_length=length)
-            else:
-                params = query_params
-                staged = await staging.stage_npy(request.stream(), spec, params, settings, pool, content_length=length)
+            async with asyncio.timeout(settings.body_timeout_s):
+                if query_params is None:
+                    stream = request.stream()
+                    staged, params = await staging.stage_json(stream, spec, settings, pool, content_length=length)
+                else:
+                    params = query_params
+                    stream = request.stream()
+                    staged = await staging.stage_npy(stream, spec, params, settings, pool, content_length=length)
         except ClientDisconnect:
             return Response(status_code=CLIENT_CLOSED)
+        except TimeoutError as exc:
+            raise RequestTimeoutError(f"the body did not arrive within {settings.body_timeout_s:g} s") from exc
         output: shm.Segment | None = None
         try:
             capacity = answers.answer_capacity(spec, staged.shape, staged.dtype, params, answer_format)

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from app.compute.pool import JobRecord
+from app.compute.stats import JobRecord
 from app.settings import Settings
 from tests.support.gateway import make_settings
 

@@ -29,7 +29,7 @@ from app.errors import (
     WorkerCrashedError,
     WorkerUnavailableError,
 )
-from tests.compute.helpers import Recorder, assert_no_segments, compute_settings, segments, shm_guard
+from tests.compute.helpers import Recorder, assert_no_segments, await_until, compute_settings, segments, shm_guard
 
 pytestmark = pytest.mark.usefixtures("shm_guard")
 __all__ = ["shm_guard"]
@@ -111,7 +111,7 @@ async def test_a_job_past_its_timeout_gets_its_worker_killed_and_replaced(monkey
 async def test_a_worker_killed_mid_job_fails_that_job_only(monkeypatch: pytest.MonkeyPatch) -> None:
     async with started_pool(monkeypatch, workers=2) as pool:
         victim_job = asyncio.create_task(run(pool, job("sleep", [1.0], {"ms": 60_000})))
-        await _await(lambda: bool(pool.stats().busy_pids))
+        await await_until(lambda: bool(pool.stats().busy_pids))
         (victim,) = pool.stats().busy_pids
         bystander = asyncio.create_task(run(pool, job("sleep", [2.0], {"ms": 300})))
         await asyncio.sleep(0.05)
@@ -120,7 +120,7 @@ async def test_a_worker_killed_mid_job_fails_that_job_only(monkeypatch: pytest.M
             await victim_job
         assert result_of(await bystander) == [2.0]
         assert result_of(await run(pool, job("trig_log", [0.0]))) == [0.0]
-        await _await(lambda: pool.stats().alive == 2)
+        await await_until(lambda: pool.stats().alive == 2)
         assert victim not in pool.worker_pids
         assert pool.stats().counters["workers_crashed"] == 1
 
@@ -129,7 +129,7 @@ async def test_a_job_sent_to_a_dead_idle_worker_is_retried_once(monkeypatch: pyt
     async with started_pool(monkeypatch, workers=1) as pool:
         (pid,) = pool.worker_pids
         os.kill(pid, signal.SIGKILL)
-        await _await(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
+        await await_until(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie")
         # Its courier only learns of the death when it hands over this job: it never started, so it is retried.
         completed = await run(pool, job("trig_log", [0.0]))
         assert result_of(completed) == [0.0]
@@ -159,7 +159,7 @@ async def test_a_cancelled_waiting_job_frees_its_place_and_a_cancelled_running_o
     async with started_pool(monkeypatch, workers=1, queue_limit=1) as pool:
         running = asyncio.create_task(run(pool, job("sleep", [1.0], {"ms": 60_000})))
         waiting = asyncio.create_task(run(pool, job("sleep", [2.0], {"ms": 0})))
-        await _await(lambda: pool.stats().waiting == 1)
+        await await_until(lambda: pool.stats().waiting == 1)
         with pytest.raises(OverloadedError):
             pool.admit("trig_log")
         waiting.cancel()
@@ -171,7 +171,7 @@ async def test_a_cancelled_waiting_job_frees_its_place_and_a_cancelled_running_o
         running.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await running
-        await _await(lambda: pool.stats().alive == 1 and pid not in pool.worker_pids)
+        await await_until(lambda: pool.stats().alive == 1 and pid not in pool.worker_pids)
         assert result_of(await run(pool, job("trig_log", [0.0]))) == [0.0]
         assert pool.stats().counters["jobs_cancelled"] == 2
 
@@ -179,7 +179,7 @@ async def test_a_cancelled_waiting_job_frees_its_place_and_a_cancelled_running_o
 async def test_a_job_waiting_too_long_for_a_worker_fails_with_503(monkeypatch: pytest.MonkeyPatch) -> None:
     async with started_pool(monkeypatch, workers=1, queue_timeout_s=0.3) as pool:
         busy = asyncio.create_task(run(pool, job("sleep", [1.0], {"ms": 3_000})))
-        await _await(lambda: bool(pool.stats().busy_pids))
+        await await_until(lambda: bool(pool.stats().busy_pids))
         with pytest.raises(WorkerUnavailableError, match=r"within 0\.3 s"):
             await run(pool, job("trig_log", [0.0]))
         busy.cancel()
@@ -248,7 +248,7 @@ async def test_aclose_lets_a_running_job_finish_then_stops_every_worker(
                 inp.close()
 
     running = asyncio.create_task(request())
-    await _await(lambda: bool(pool.stats().busy_pids))
+    await await_until(lambda: bool(pool.stats().busy_pids))
     closing = asyncio.create_task(pool.aclose())
     await asyncio.sleep(0.1)
     assert not closing.done()
@@ -303,10 +303,3 @@ async def test_stale_segments_of_dead_instances_are_swept_at_start(monkeypatch: 
         stale.unlink(missing_ok=True)
         await pool.aclose()
     assert segments() == []
-
-
-async def _await(condition: Any, within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)

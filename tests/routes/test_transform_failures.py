@@ -272,3 +272,21 @@ async def test_the_event_loop_stays_free_while_a_20_mb_json_body_is_decoded(tmp_
     assert busy < 0.020, f"the loop worked {busy * 1000:.1f} ms without yielding"
     assert p95 < 0.020, f"the loop's scheduling delay reached {p95 * 1000:.1f} ms (p95)"
     assert len(samples) > 50
+
+
+async def test_a_client_that_trickles_its_body_gets_408_and_gives_its_place_back() -> None:
+    settings = compute_settings(workers=1, queue_limit=0, body_timeout_s=0.5, load_plugins=False)
+    async with running_gateway(settings) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /transform/trig_log HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 1000\r\n\r\n{"data": [1,'
+        )
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        assert head.startswith(b"HTTP/1.1 408"), head
+        writer.close()
+        assert gw.state.cpu.stats().admitted == 0
+        status, _, payload = await post_json(gw.url, "trig_log", [1.0])
+        assert status == 200, payload
