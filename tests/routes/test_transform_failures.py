@@ -21,6 +21,7 @@ import pytest
 
 from tests.compute.helpers import (
     NPY,
+    Recorder,
     acme_plugins,
     assert_no_segments,
     await_until,
@@ -73,16 +74,32 @@ async def raw_request(url: str, name: str, body: bytes) -> AsyncIterator[asyncio
 
 async def test_two_cpu_bound_requests_on_two_workers_take_about_as_long_as_one() -> None:
     async with running_gateway(compute_settings(workers=2, load_plugins=False)) as gw:
-        started = time.perf_counter()
-        status, _, one = await post_json(gw.url, "prime_count", [PRIME_N])
-        single = time.perf_counter() - started
-        assert status == 200
-        started = time.perf_counter()
-        replies = await asyncio.gather(*(post_json(gw.url, "prime_count", [PRIME_N]) for _ in range(2)))
-        double = time.perf_counter() - started
-        assert [r[2] for r in replies] == [one, one]
-        # Serially (or in threads sharing one GIL) two would take 2x; in two processes about 1x.
-        assert double < 1.5 * single, f"one took {single:.2f} s, two together {double:.2f} s"
+        recorder = Recorder()
+        gw.state.cpu.observer = recorder
+        attempts = []
+        # Serialised jobs (one worker, or two threads sharing one GIL) take 2x one job, and deliver at most one
+        # CPU-second per second. Other processes on this shared 2-core machine can take a core away for a while,
+        # so up to five attempts; in each, the workers' own CPU accounting tells whether both ran at once.
+        for _ in range(5):
+            started = time.perf_counter()
+            status, _, one = await post_json(gw.url, "prime_count", [PRIME_N])
+            single = time.perf_counter() - started
+            assert status == 200
+            recorder.records.clear()
+            started = time.perf_counter()
+            replies = await asyncio.gather(*(post_json(gw.url, "prime_count", [PRIME_N]) for _ in range(2)))
+            double = time.perf_counter() - started
+            assert [r[2] for r in replies] == [one, one]
+            first, second = recorder.records
+            assert first.worker_pid != second.worker_pid
+            cpu_rate = (first.cpu_s + second.cpu_s) / double
+            attempts.append((double / single, cpu_rate))
+            logging.getLogger(__name__).info(
+                "one %.2f s; two at once %.2f s (%.2fx), %.2f CPU-s per s", single, double, double / single, cpu_rate
+            )
+            if double / single < 1.5 or cpu_rate > 1.5:
+                break
+        assert any(ratio < 1.5 or rate > 1.5 for ratio, rate in attempts), attempts
 
 
 async def test_a_worker_killed_mid_job_gives_that_request_503_and_the_next_one_200() -> None:
