@@ -28,11 +28,12 @@ import itertools
 import logging
 import multiprocessing
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from app.compute import shm
+from app.compute.reaper import Closable, Reaper
 from app.compute.registry import Registry, TransformDefinitionError, discover_plugins, load_registry
 from app.compute.stats import JobRecord, Outcome, PoolObserver, PoolStats, Transport
 from app.compute.wire import Answer, Job, ShmArray
@@ -133,6 +134,7 @@ class CpuPool:
         self._all_exited = asyncio.Event()
         self._drained = asyncio.Event()
         self._counters: collections.Counter[str] = collections.Counter()
+        self._reaper = Reaper()
 
     # -- public surface ----------------------------------------------------------------------------------------
 
@@ -156,6 +158,7 @@ class CpuPool:
         Raises StartupError when a transform cannot be loaded or a worker cannot start.
         """
         self._loop = asyncio.get_running_loop()
+        self._reaper.start()
         self.shm_enabled = shm.available()
         if self.shm_enabled:
             removed = shm.sweep_stale(self._settings.shm_prefix)
@@ -262,6 +265,7 @@ class CpuPool:
                 for worker in list(self._workers):
                     worker.kill()
                 await self._all_exited.wait()
+        await self._reaper.aclose()
         for name in self.namer.mine():
             log.warning("unlinking leftover shared-memory segment %s", name)
             with contextlib.suppress(OSError):
@@ -515,6 +519,10 @@ class CpuPool:
         if answer is not None and answer.shm_fallback:
             c["shm_fallbacks"] += 1
             log.warning("/dev/shm could not hold a %d-byte answer; it came through the pipe", answer.length)
+
+    def dispose(self, *, close: Iterable[Closable] = (), drop: Iterable[object] = ()) -> None:
+        """Release large buffers (segments already unlinked, request bodies) off the event loop."""
+        self._reaper.dispose(close=close, drop=drop)
 
     def count_input_fallback(self) -> None:
         """The gateway could not back an input segment (/dev/shm full) and sent the array inline instead."""

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
 
 from app.compute import jsonarray, npyfmt, shm
+from app.compute.reaper import Closable
 from app.compute.registry import TransformInputError, TransformSpec
 from app.compute.wire import InlineArray, ShmArray
 from app.errors import (
@@ -49,6 +50,7 @@ class Stager(typing.Protocol):
     shm_enabled: bool
 
     def count_input_fallback(self) -> None: ...
+    def dispose(self, *, close: Iterable[Closable] = (), drop: Iterable[object] = ()) -> None: ...
 
 
 @dataclass(eq=False)
@@ -79,10 +81,20 @@ class StagedInput:
         assert self.inline is not None
         return InlineArray(self.inline)
 
+    def unlink(self) -> None:
+        if self.segment is not None:
+            self.segment.unlink()
+
     def close(self) -> None:
         if self.segment is not None:
             self.segment.close()
         self.inline = None
+
+
+def discard(staged: StagedInput, stager: Stager) -> None:
+    """Unlink at once; unmap off the loop."""
+    staged.unlink()
+    stager.dispose(close=[staged])
 
 
 async def read_body(stream: AsyncIterator[bytes], limit: int, *, content_length: int | None = None) -> mmap.mmap:
@@ -246,16 +258,17 @@ async def stage_json(
             finally:
                 del flat
         except BaseException:
-            staged.close()
+            discard(staged, stager)
             raise
     finally:
         # Dropped, not closed: the scan's arrays (and a traceback's frames) may still view it; it is unmapped
-        # when the last of them goes.
+        # when the last of them goes, normally in the reaper thread.
+        stager.dispose(drop=[body])
         del body
     try:
         await _finish_checks(staged, spec, params)
     except BaseException:
-        staged.close()
+        discard(staged, stager)
         raise
     return staged, params
 
@@ -306,7 +319,7 @@ async def stage_npy(
         if target is not None:
             target.release()
         if staged is not None:
-            staged.close()
+            discard(staged, stager)
         raise
     return staged
 

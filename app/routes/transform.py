@@ -17,7 +17,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.compute import answers, shm, staging
-from app.compute.pool import Completed
+from app.compute.pool import Completed, CpuPool
 from app.compute.wire import Job, OutputFormat
 from app.errors import (
     InvalidParamsError,
@@ -107,17 +107,18 @@ async def transform(name: str, request: Request) -> Response:
             completed = await _unless_disconnected(pool.run(job, admission), request.receive)
         except BaseException:
             if output is not None:
-                output.close()
+                output.unlink()
+                pool.dispose(close=[output])
             raise
         finally:
-            staged.close()
+            staging.discard(staged, pool)
             if output is not None:
                 output.unlink()  # the name goes now; the mapping stays for the answer below
     if completed is None:
         if output is not None:
-            output.close()
+            pool.dispose(close=[output])
         return Response(status_code=CLIENT_CLOSED)
-    return _answer(completed, output)
+    return _answer(completed, output, pool)
 
 
 def _request_format(content_type: str | None) -> OutputFormat:
@@ -170,36 +171,43 @@ async def _disconnect(receive: Receive) -> None:
             return
 
 
-def _answer(completed: Completed, output: shm.Segment | None) -> Response:
+def _answer(completed: Completed, output: shm.Segment | None, pool: CpuPool) -> Response:
     answer = completed.answer
     if answer.inline is not None:
         if output is not None:
-            output.close()
-        return Response(content=bytes(answer.inline), media_type=answer.media_type)
+            pool.dispose(close=[output])
+        inline = memoryview(answer.inline)
+        if inline.nbytes <= STREAM_CHUNK:
+            return Response(content=bytes(inline), media_type=answer.media_type)
+        # A large answer that came through the pipe (/dev/shm was full): streamed too, not written in one piece.
+        return StreamedAnswer(inline, answer.media_type, pool)
     assert output is not None
-    return SegmentResponse(output, answer.length, answer.media_type)
+    return StreamedAnswer(output.view()[: answer.length], answer.media_type, pool, segment=output)
 
 
-class SegmentResponse(Response):
-    """Streams an answer from its (already unlinked) segment in 1 MiB slices, then unmaps it."""
+class StreamedAnswer(Response):
+    """Sends an answer in 1 MiB slices (uvicorn's flow control paces them), from its already unlinked segment or
+    from the pipe's bytes; then hands the memory to the reaper."""
 
-    def __init__(self, segment: shm.Segment, length: int, media_type: str) -> None:
+    def __init__(self, view: memoryview, media_type: str, pool: CpuPool, *, segment: shm.Segment | None = None):
         super().__init__(content=None, media_type=media_type)
+        self._view = view
+        self._pool = pool
         self._segment = segment
-        self._length = length
-        self.headers["content-length"] = str(length)
+        self.headers["content-length"] = str(view.nbytes)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        view = self._view
         try:
             await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-            view = self._segment.view()
-            try:
-                for start in range(0, self._length, STREAM_CHUNK):
-                    with view[start : min(self._length, start + STREAM_CHUNK)] as piece:
-                        chunk = bytes(piece)
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            finally:
-                view.release()
+            for start in range(0, view.nbytes, STREAM_CHUNK):
+                with view[start : start + STREAM_CHUNK] as piece:
+                    chunk = bytes(piece)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            self._segment.close()
+            backing = view.obj
+            view.release()
+            self._view.release()
+            del view
+            self._pool.dispose(close=[self._segment] if self._segment is not None else [], drop=[backing])
