@@ -58,7 +58,28 @@ async def list_transforms(request: Request) -> JSONResponse:
     )
 
 
-@router.post("/transform/{name}")
+# The body is read by hand (streamed, size-checked, decoded in slices), so FastAPI is told its shape here.
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {"description": "A number, or a rectangular nested list of numbers."},
+                    "params": {"type": "object", "description": "The transform's parameters (GET /transform)."},
+                },
+            }
+        },
+        "application/x-npy": {
+            "schema": {"type": "string", "format": "binary", "description": "NumPy .npy; params in the query."}
+        },
+    },
+}
+
+
+@router.post("/transform/{name}", openapi_extra={"requestBody": _REQUEST_BODY})
 async def transform(name: str, request: Request) -> Response:
     state = get_state(request)
     pool, settings = state.require_cpu(), state.settings.compute
