@@ -44,7 +44,8 @@ COPY_YIELD_BYTES = 4 << 20
 
 
 class Stager(typing.Protocol):
-    """What staging needs from the pool: segment names, and whether to use shared memory at all."""
+    """What staging needs from the pool: segment names, whether to use shared memory at all, and where to release
+    large buffers (off the loop)."""
 
     namer: shm.SegmentNamer
     shm_enabled: bool
@@ -101,7 +102,8 @@ async def read_body(stream: AsyncIterator[bytes], limit: int, *, content_length:
     """The whole body, refusing with 413 as soon as it passes ``limit`` (the rest is never read).
 
     The body lands in an anonymous mapping: its pages are touched a chunk at a time as data arrives, where a
-    ``bytearray`` would zero (or, growing, copy) all 20 MB of it in one go on the loop. Close it when done.
+    ``bytearray`` would zero (or, growing, copy) all 20 MB of it in one go on the loop. Hand it to the reaper when
+    done (``Stager.dispose``) rather than closing it: arrays made on it may still be alive.
     """
     if content_length is None:
         chunks: list[bytes] = []
@@ -134,7 +136,7 @@ async def read_body(stream: AsyncIterator[bytes], limit: int, *, content_length:
         if received != content_length:
             raise MalformedInputError(f"the body ended after {received} of {content_length} bytes")
     except BaseException:
-        body.close()
+        body.close()  # nothing has viewed it yet
         raise
     return body
 

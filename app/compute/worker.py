@@ -7,6 +7,7 @@ warms up, says ready, then serves jobs from its pipe one at a time until the pip
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import mmap
 import os
 import pickle
@@ -40,20 +41,20 @@ def init_worker() -> None:
 
 
 def worker_main(conn: Connection, plugin_refs: list[tuple[str, str]]) -> None:
+    """The process's main function: warm up, say ready, then serve jobs until the gateway closes the pipe."""
     init_worker()
     registry = load_registry(plugin_refs)
     for spec in registry.values():
         if spec.warmup is not None:
             spec.warmup()
-    send_message(conn, ("ready", os.getpid()))
-    while True:
-        try:
-            message, _ = recv_message(conn)
-        except (EOFError, OSError):
-            return  # the gateway closed the pipe: retire
-        _, job_id, job = message
-        send_message(conn, ("started", job_id))
-        send_message(conn, _reply(registry, job_id, job))
+    try:
+        send_message(conn, ("ready", os.getpid()))
+        while True:
+            _, job_id, job = recv_message(conn)[0]
+            send_message(conn, ("started", job_id))
+            send_message(conn, _reply(registry, job_id, job))
+    except (EOFError, OSError):
+        return  # the gateway closed the pipe (retirement), or is gone
 
 
 def _reply(registry: Registry, job_id: int, job: Job) -> tuple[Any, ...]:
@@ -66,15 +67,8 @@ def _reply(registry: Registry, job_id: int, job: Job) -> tuple[Any, ...]:
         return ("error", job_id, "result", str(exc))
     except Exception as exc:  # the transform's own bug: reported, the worker lives on
         return ("error", job_id, "failed", f"{type(exc).__name__}: {exc}")
-    answer = Answer(
-        media_type=answer.media_type,
-        length=answer.length,
-        inline=answer.inline,
-        shm_fallback=answer.shm_fallback,
-        run_s=time.perf_counter() - started,
-        cpu_s=time.process_time() - cpu_started,
-    )
-    return ("done", job_id, answer)
+    timed = dataclasses.replace(answer, run_s=time.perf_counter() - started, cpu_s=time.process_time() - cpu_started)
+    return ("done", job_id, timed)
 
 
 class _BadResult(Exception):

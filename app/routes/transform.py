@@ -97,13 +97,12 @@ async def transform(name: str, request: Request) -> Response:
 
     with pool.admit(name) as admission:  # 503 + Retry-After at once when full; the place is ours until we leave
         try:
+            stream = request.stream()
             async with asyncio.timeout(settings.body_timeout_s):
                 if query_params is None:
-                    stream = request.stream()
                     staged, params = await staging.stage_json(stream, spec, settings, pool, content_length=length)
                 else:
                     params = query_params
-                    stream = request.stream()
                     staged = await staging.stage_npy(stream, spec, params, settings, pool, content_length=length)
         except ClientDisconnect:
             return Response(status_code=CLIENT_CLOSED)
@@ -227,8 +226,7 @@ class StreamedAnswer(Response):
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
-            backing = view.obj
+            backing = view.obj  # the mmap or the bytes: its last reference goes in the reaper thread
             view.release()
-            self._view.release()
             del view
             self._pool.dispose(close=[self._segment] if self._segment is not None else [], drop=[backing])

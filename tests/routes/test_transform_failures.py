@@ -103,14 +103,17 @@ async def test_two_cpu_bound_requests_on_two_workers_take_about_as_long_as_one()
 
 
 async def test_a_worker_killed_mid_job_gives_that_request_503_and_the_next_one_200() -> None:
-    async with running_gateway(compute_settings(workers=1, load_plugins=False)) as gw:
+    # Threshold 1 byte: even this small job's input and answer go through shared memory, and must be unlinked.
+    async with running_gateway(compute_settings(workers=1, shm_threshold_bytes=1, load_plugins=False)) as gw:
         pool = gw.state.cpu
         request = asyncio.create_task(post_json(gw.url, "prime_count", [FOREVER_N]))
         await await_until(lambda: bool(pool.stats().busy_pids), what="the job to start")
         (victim,) = pool.stats().busy_pids
+        assert len(segments()) == 2  # input and answer
         os.kill(victim, signal.SIGKILL)
         status, headers, payload = await request
         assert (status, problem_type(payload)) == (503, "worker-crashed")
+        assert_no_segments()
         assert "SIGKILL" in payload["detail"]
         assert headers["Retry-After"] == "1"
         status, _, payload = await post_json(gw.url, "prime_count", [100])
@@ -119,13 +122,15 @@ async def test_a_worker_killed_mid_job_gives_that_request_503_and_the_next_one_2
 
 
 async def test_a_job_past_its_timeout_gets_504_and_its_worker_is_replaced() -> None:
-    async with running_gateway(compute_settings(workers=1, job_timeout_s=0.5, load_plugins=False)) as gw:
+    settings = compute_settings(workers=1, job_timeout_s=0.5, shm_threshold_bytes=1, load_plugins=False)
+    async with running_gateway(settings) as gw:
         pool = gw.state.cpu
         (old,) = pool.worker_pids
         started = time.perf_counter()
         status, _, payload = await post_json(gw.url, "prime_count", [FOREVER_N])
         assert (status, problem_type(payload)) == (504, "transform-timeout")
         assert time.perf_counter() - started < 5
+        assert_no_segments()
         _, alive = psutil.wait_procs([psutil.Process(old)] if psutil.pid_exists(old) else [], timeout=5)
         assert alive == []
         status, _, payload = await post_json(gw.url, "trig_log", [0.0])
