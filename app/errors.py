@@ -6,12 +6,28 @@ GatewayError
 ├── StartupError                a resource could not be opened (the database is unreachable, ...)
 ├── ProblemError                answered to the client as an RFC 9457 problem (app/problems.py)
 │   ├── BadRequestError         400: the request is malformed or names things that do not exist
+│   │   ├── MalformedInputError    400: the body is not the JSON or .npy it claims to be, or is cut short
 │   │   └── ValidationFailedError  422: the request is well-formed but its values are wrong
+│   │       ├── InvalidParamsError     the transform's params do not validate
+│   │       ├── NonNumericDataError    data holds strings, booleans, null or objects
+│   │       ├── RaggedDataError        nested lists of unequal lengths or depths
+│   │       ├── UnsupportedDtypeError  an element type the transform does not accept
+│   │       ├── UnsupportedRankError   a number of dimensions the transform does not accept
+│   │       ├── TooManyElementsError   more elements than the transform or the gateway allows
+│   │       ├── NonFiniteDataError     NaN or infinity where the transform forbids them
+│   │       └── InvalidInputError      values the transform refuses (out of range, empty, ...)
 │   ├── NotFoundError           404
+│   ├── NotAcceptableError      406: no answer format the client accepts
+│   ├── RequestTimeoutError     408: the body did not arrive within its time limit
 │   ├── PayloadTooLargeError    413
+│   ├── UnsupportedMediaTypeError  415
 │   ├── ClientDisconnectedError 499: the client went away; its work was cancelled (nobody reads the answer)
+│   ├── TransformFailedError    500: a transform raised or returned something unusable (a bug in it)
 │   ├── OverloadedError         503 + Retry-After: a bounded queue is full; the work was never started
-│   └── ShuttingDownError       503 + Retry-After: the drain timeout passed (or a second signal came) mid-request
+│   │   └── WorkerUnavailableError  no worker became free within queue_timeout_s
+│   ├── WorkerCrashedError      503 + Retry-After: the worker process died while running the job
+│   ├── ShuttingDownError       503 + Retry-After: the drain timeout passed (or a second signal came) mid-request
+│   └── TransformTimeoutError   504: the job overran job_timeout_s; its worker was killed and replaced
 └── SourceError                 one source of an aggregate failed; reported per source, never as HTTP
     ├── UpstreamError
     │   ├── UpstreamTimeoutError   timeout: one attempt overran its per-try timeout
@@ -82,6 +98,12 @@ class NotFoundError(ProblemError):
     title = "Not found"
 
 
+class RequestTimeoutError(ProblemError):
+    status = 408
+    type = "request-timeout"
+    title = "Request timeout"
+
+
 class PayloadTooLargeError(ProblemError):
     status = 413
     type = "payload-too-large"
@@ -92,6 +114,69 @@ class ClientDisconnectedError(ProblemError):
     status = 499
     type = "client-disconnected"
     title = "Client disconnected"
+
+
+class MalformedInputError(BadRequestError):
+    type = "malformed-input"
+    title = "Malformed input"
+
+
+class InvalidParamsError(ValidationFailedError):
+    type = "invalid-params"
+    title = "Invalid transform parameters"
+
+
+class NonNumericDataError(ValidationFailedError):
+    type = "non-numeric-data"
+    title = "Data is not numeric"
+
+
+class RaggedDataError(ValidationFailedError):
+    type = "ragged-data"
+    title = "Data is not a rectangular array"
+
+
+class UnsupportedDtypeError(ValidationFailedError):
+    type = "unsupported-dtype"
+    title = "Unsupported element type"
+
+
+class UnsupportedRankError(ValidationFailedError):
+    type = "unsupported-rank"
+    title = "Unsupported number of dimensions"
+
+
+class TooManyElementsError(ValidationFailedError):
+    type = "too-many-elements"
+    title = "Too many elements"
+
+
+class NonFiniteDataError(ValidationFailedError):
+    type = "non-finite-data"
+    title = "Data holds NaN or infinity"
+
+
+class InvalidInputError(ValidationFailedError):
+    type = "invalid-input"
+    title = "Input refused by the transform"
+
+
+class NotAcceptableError(ProblemError):
+    status = 406
+    type = "not-acceptable"
+    title = "Not acceptable"
+
+
+class UnsupportedMediaTypeError(ProblemError):
+    status = 415
+    type = "unsupported-media-type"
+    title = "Unsupported media type"
+
+
+class TransformFailedError(ProblemError):
+    status = 500
+    type = "transform-failed"
+    title = "Transform failed"
 
 
 class OverloadedError(ProblemError):
@@ -115,6 +200,26 @@ class ShuttingDownError(ProblemError):
     def headers(self) -> dict[str, str]:
         # The request was cut short by this instance stopping; another instance can take it at once.
         return {"Retry-After": "0", "Connection": "close"}
+
+
+class WorkerUnavailableError(OverloadedError):
+    type = "worker-unavailable"
+    title = "No worker available"
+
+
+class WorkerCrashedError(ProblemError):
+    status = 503
+    type = "worker-crashed"
+    title = "Worker crashed"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class TransformTimeoutError(ProblemError, TimeoutError):
+    status = 504
+    type = "transform-timeout"
+    title = "Transform timed out"
 
 
 class SourceError(GatewayError):

@@ -32,7 +32,12 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     app.state.tracer_provider = tracer_provider
     problems.install(app)
     # Added last = outermost: the request id is set before anything else runs, so even a 413 carries one.
-    app.add_middleware(BodyLimitMiddleware, default=settings.limits.max_body_bytes)
+    # Transforms take arrays, far larger than any aggregate request: they have their own cap.
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default=settings.limits.max_body_bytes,
+        limits={"/transform": settings.compute.max_body_bytes},
+    )
     app.add_middleware(HttpMetricsMiddleware)
     app.add_middleware(RequestIdMiddleware)
     for module in (health, aggregate, transform):

@@ -206,6 +206,17 @@ class ComputeSettings(_Section):
     start_method: Literal["spawn", "forkserver"] = "forkserver"
     max_tasks_per_child: int = Field(1_000, ge=0, description="Recycle a worker after this many jobs; 0: never.")
     job_timeout_s: float = Field(30.0, gt=0, le=3600)
+    queue_timeout_s: float = Field(10.0, gt=0, le=3600, description="A job waiting longer for a worker gets 503.")
+    # A request holds its place in the pool while its body arrives: a client that trickles it must not keep it.
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Reading and checking a body, at most; then 408.")
+    max_body_bytes: int = Field(128 * 1024 * 1024, ge=1024, description="Transform request bodies, at most.")
+    max_elements: int = Field(16 * 1024 * 1024, ge=1, description="Elements per request; a transform may cap lower.")
+    shm_threshold_bytes: int = Field(
+        1024 * 1024, ge=1, description="Arrays and answers of this size or more travel through shared memory."
+    )
+    # Segment names carry it (with the owner's pid), so start-up can remove what a crashed instance left behind.
+    shm_prefix: str = Field("gw", pattern=r"^[A-Za-z][A-Za-z0-9]{0,15}$")
+    load_plugins: bool = Field(True, description="Load transforms from the 'gateway.transforms' entry-point group.")
 
 
 class TracingSettings(_Section):

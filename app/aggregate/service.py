@@ -13,7 +13,7 @@ import orjson
 from starlette.types import Scope
 
 from app.aggregate.models import AggregateRequest, QuerySourceSpec, SourceResult, UpstreamSourceSpec
-from app.compute.jsonwork import digest_json, select
+from app.compute.jsonwork import digest_in_pool, select
 from app.compute.pool import CpuPool
 from app.db.pool import Database
 from app.db.queries import bind, coerce
@@ -23,6 +23,8 @@ from app.errors import (
     DeadlineExceededError,
     NotFoundError,
     OverloadedError,
+    ProblemError,
+    ResourceClosedError,
     SourceError,
     ValidationFailedError,
 )
@@ -268,12 +270,13 @@ class Aggregator:
         if not is_json or len(body) <= INLINE_JSON_BYTES or self._cpu is None:
             return select(decode_body(body, result.headers, plan.upstream), plan.fields)
         try:
-            kind, payload = await self._cpu.run(digest_json, body, plan.fields, self._split_keys)
-        except OverloadedError:
-            # Every worker is busy: decoding here stalls the loop for a moment, which beats failing the source.
+            kind, payload = await digest_in_pool(self._cpu, body, plan.fields, split_keys=self._split_keys)
+        except (OverloadedError, ResourceClosedError):
+            # Every worker is busy (or the pool is closing): decoding here stalls the loop for a moment, which
+            # beats failing the source.
             return select(decode_body(body, result.headers, plan.upstream), plan.fields)
-        except Exception as exc:  # a worker that died on this body: the body is the likely cause
-            raise BadResponseError(f"{plan.upstream}: the body could not be decoded ({type(exc).__name__})") from exc
+        except ProblemError as exc:  # a worker that died or overran on this body: the body is the likely cause
+            raise BadResponseError(f"{plan.upstream}: the body could not be decoded ({exc.title})") from exc
         if kind == "error":
             raise BadResponseError(f"{plan.upstream} sent {payload}")
         if kind == "items":

@@ -1,121 +1,575 @@
-"""The CPU process pool: a pebble ProcessPool (kills and replaces a worker whose job overruns its timeout)
-behind a bounded admission count, so excess jobs are refused at once instead of queueing without limit."""
+"""The CPU process pool: worker processes fed from the event loop, with bounded admission, per-job timeouts that
+kill and replace the worker, crash recovery, and worker recycling.
+
+Why not ``ProcessPoolExecutor``, or pebble: a running future cannot be cancelled, one dead worker breaks the whole
+executor (``BrokenProcessPool`` for every job in flight), and pebble, which can kill, stops a worker with SIGTERM and
+waits 3 s before SIGKILL (workers ignore SIGTERM here), and puts its pool into an error state when an idle worker
+dies. This pool owns each worker individually:
+
+- every worker has its own pipe and a courier thread in the gateway (``workers``); all pool state lives on the
+  event loop, where the couriers' reports arrive;
+- a job past ``job_timeout_s`` gets its worker SIGKILLed (through a pidfd, so a recycled pid is never hit) and
+  answers 504; a worker that dies by itself fails its running job with 503, and a job it had not yet started is
+  retried once on another worker. Either way a fresh worker replaces it; nothing else is affected;
+- a worker is retired after ``max_tasks_per_child`` jobs and replaced: the pool's own recycling, so CPython's
+  ``max_tasks_per_child`` (and the hang some 3.11 releases have with it) is never involved;
+- at most ``workers + queue_limit`` jobs are admitted; beyond that ``admit()`` refuses at once (503 +
+  Retry-After). A job waiting for a worker longer than ``queue_timeout_s`` fails with 503; one whose caller is
+  cancelled (client gone) leaves the queue at once, or, if running, has its worker killed and replaced.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import collections
+import contextlib
+import itertools
 import logging
 import multiprocessing
-import threading
-from collections.abc import Callable
-from concurrent.futures import TimeoutError as FutureTimeoutError
+import time
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
-import pebble
-
-from app.compute.worker import init_worker, ping
+from app.compute import shm
+from app.compute.reaper import Closable, Reaper
+from app.compute.registry import Registry, TransformDefinitionError, discover_plugins, load_registry
+from app.compute.stats import JobRecord, Outcome, PoolObserver, PoolStats, Transport
+from app.compute.wire import Answer, Job, ShmArray
+from app.compute.workers import STOP_GRACE_S, ExitReason, WorkerProcess, describe_exit
 from app.concurrency import run_in_own_thread
-from app.errors import OverloadedError, ResourceClosedError
+from app.errors import (
+    InvalidInputError,
+    OverloadedError,
+    ResourceClosedError,
+    StartupError,
+    TransformFailedError,
+    TransformTimeoutError,
+    WorkerCrashedError,
+    WorkerUnavailableError,
+)
 from app.lifecycle.children import group_signals_blocked
 from app.settings import ComputeSettings
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
+START_TIMEOUT_S = 60.0
+RESPAWN_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
-class PoolStats:
-    capacity: int
-    queue_limit: int
-    pending: int
-    worker_pids: list[int]
+class Completed:
+    answer: Answer
+    record: JobRecord
+
+
+class Admission:
+    """A place among the jobs the pool admitted. Give it back with ``release()`` or by leaving ``with``."""
+
+    def __init__(self, pool: CpuPool, transform: str) -> None:
+        self._pool = pool
+        self.transform = transform
+        self.admitted_at = time.perf_counter()
+        self._released = False
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._pool._released()
+
+    def __enter__(self) -> Admission:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+@dataclass(eq=False)
+class _Task:
+    id: int
+    job: Job
+    future: asyncio.Future[Answer]
+    queued_at: float
+    dispatched_at: float = 0.0
+    worker: WorkerProcess | None = None
+    started: bool = False
+    attempts: int = 0
+    timed_out: bool = False
+    abandoned: bool = False
+    pickle_bytes: int = 0
+    queue_timer: asyncio.TimerHandle | None = None
+    run_timer: asyncio.TimerHandle | None = None
+    record: JobRecord | None = None
 
 
 class CpuPool:
-    def __init__(self, settings: ComputeSettings) -> None:
+    """Transforms run here. ``start()`` warms every worker; ``aclose()`` lets admitted jobs finish, then stops the
+    workers and removes any shared-memory segment this process still owns."""
+
+    def __init__(
+        self,
+        settings: ComputeSettings,
+        *,
+        observer: PoolObserver | None = None,
+        extra_transforms: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """``extra_transforms``: ``(name, "module:attr")`` pairs loaded besides the built-ins and entry points."""
         self._settings = settings
-        self._pool: pebble.ProcessPool | None = None
-        self._lock = threading.Lock()
-        self._pending = 0
+        self.observer = observer
+        self._extra_transforms = list(extra_transforms)
+        self.namer = shm.SegmentNamer(settings.shm_prefix)
+        self.shm_enabled = False
+        self._registry: Registry | None = None
+        self._ctx: multiprocessing.context.BaseContext | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._workers: set[WorkerProcess] = set()
+        self._idle: collections.deque[WorkerProcess] = collections.deque()
+        self._waiting: collections.deque[_Task] = collections.deque()
+        self._admitted = 0
+        self._ids = itertools.count(1)
+        self._indexes = itertools.count(1)
+        self._closing = False
         self._closed = False
-        self.worker_pids: list[int] = []
+        self._spawn_failures = 0
+        self._ready_during_start: asyncio.Future[None] | None = None
+        self._all_exited = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._reaper = Reaper()
+
+    # -- public surface ----------------------------------------------------------------------------------------
 
     @property
     def capacity(self) -> int:
-        return self._settings.workers
+        return self._settings.workers + self._settings.queue_limit
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            raise ResourceClosedError("the CPU pool has not started")
+        return self._registry
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return sorted(w.pid for w in self._workers if w.pid is not None and w.state in ("idle", "busy"))
 
     async def start(self) -> None:
-        """Start every worker and wait until each has imported what it needs."""
-        await run_in_own_thread(self._start, name="cpu-pool-start")
+        """Load the registry, remove stale segments, start every worker and wait until each is warm.
 
-    def _start(self) -> None:
-        # The forkserver and the workers are started from this thread (and pebble's threads, which it starts):
-        # they inherit its mask, so a signal to the whole process group does not kill them mid-drain.
-        with group_signals_blocked():
-            self._start_pool()
-
-    def _start_pool(self) -> None:
+        Raises StartupError when a transform cannot be loaded or a worker cannot start.
+        """
+        self._loop = asyncio.get_running_loop()
+        self._reaper.start()
+        self.shm_enabled = shm.available()
+        if self.shm_enabled:
+            removed = shm.sweep_stale(self._settings.shm_prefix)
+            if removed:
+                log.warning("removed %d shared-memory segment(s) left by a dead instance", len(removed))
+        else:
+            log.warning("no usable /dev/shm: every array goes through the worker pipes")
+        try:
+            refs = (discover_plugins() if self._settings.load_plugins else []) + self._extra_transforms
+            self._registry = load_registry(refs)
+        except TransformDefinitionError as exc:
+            raise StartupError(str(exc)) from exc
         ctx = multiprocessing.get_context(self._settings.start_method)
         if self._settings.start_method == "forkserver":
-            ctx.set_forkserver_preload(["app.compute.worker", "numpy"])
-        self._pool = pebble.ProcessPool(
-            max_workers=self._settings.workers,
-            max_tasks=self._settings.max_tasks_per_child,
-            initializer=init_worker,
-            context=ctx,
-        )
-        # One ping per worker, all outstanding at once, so every worker has started (and imported numpy) before
-        # the gateway reports ready.
-        futures = [self._pool.schedule(ping, timeout=60) for _ in range(self._settings.workers)]
-        self.worker_pids = sorted({f.result(timeout=120) for f in futures})
+            # Takes effect when this process starts its fork server (once): workers fork from a warm image.
+            modules = ["numpy", "app.compute.worker", *{ref.partition(":")[0] for _, ref in refs}]
+            ctx.set_forkserver_preload(modules)
+            # Started now, from a thread with SIGINT and SIGTERM blocked: the fork server inherits the mask, so a
+            # signal to the whole process group (Ctrl-C, tini -g) cannot kill it mid-drain, and every worker it
+            # forks later starts with the same protection.
+            await run_in_own_thread(_start_forkserver_shielded, name="forkserver-start")
+        self._ctx = ctx
+        self._ready_during_start = self._loop.create_future()
+        atexit.register(self._kill_all_at_exit)
+        for _ in range(self._settings.workers):
+            self._spawn()
+        try:
+            await asyncio.wait_for(asyncio.shield(self._ready_during_start), START_TIMEOUT_S)
+        except TimeoutError as exc:
+            raise StartupError(f"CPU workers did not start within {START_TIMEOUT_S:.0f} s") from exc
+        finally:
+            self._ready_during_start = None
+        log.info("CPU pool ready", extra={"event": "cpu_pool_ready", "workers": self.worker_pids})
+
+    def admit(self, transform: str) -> Admission:
+        """Take a place for one job, or refuse at once.
+
+        Raises OverloadedError when ``workers + queue_limit`` jobs are already admitted, ResourceClosedError while
+        the pool closes.
+        """
+        if self._closing or self._registry is None:
+            raise ResourceClosedError("the CPU pool is not accepting jobs")
+        if self._admitted >= self.capacity:
+            self._counters["rejected"] += 1
+            self._notify("job_rejected", transform)
+            raise OverloadedError("every CPU worker is busy and the queue is full", retry_after_s=1)
+        self._admitted += 1
+        self._drained.clear()
+        return Admission(self, transform)
+
+    async def run(self, job: Job, admission: Admission) -> Completed:
+        """Run one job in a worker and return its answer and record.
+
+        Raises TransformTimeoutError (504), WorkerCrashedError (503), WorkerUnavailableError (503: no worker
+        became free within ``queue_timeout_s``), InvalidInputError (422: the transform refused the values),
+        TransformFailedError (500), ResourceClosedError after close. Cancelling the caller drops a queued job, or
+        kills the worker of a running one.
+        """
+        if self._closed or self._loop is None:
+            raise ResourceClosedError("the CPU pool is closed")
+        task = _Task(next(self._ids), job, self._loop.create_future(), queued_at=admission.admitted_at)
+        self._waiting.append(task)
+        task.queue_timer = self._loop.call_later(self._settings.queue_timeout_s, self._on_queue_timeout, task)
+        self._dispatch()
+        try:
+            answer = await task.future
+        except asyncio.CancelledError:
+            self._abandon(task)
+            raise
+        assert task.record is not None
+        return Completed(answer, task.record)
+
+    def shm_bytes_held(self) -> int:
+        """Bytes of the shared-memory segments this process holds now."""
+        total = 0
+        for name in self.namer.mine():
+            with contextlib.suppress(OSError):
+                total += (shm.SHM_DIR / name).stat().st_size
+        return total
 
     def stats(self) -> PoolStats:
-        with self._lock:
-            pending = self._pending
-        return PoolStats(self.capacity, self._settings.queue_limit, pending, list(self.worker_pids))
-
-    async def run(self, fn: Callable[..., T], *args: Any, timeout: float | None = None) -> T:  # noqa: ASYNC109
-        """Run ``fn(*args)`` in a worker process.
-
-        Raises OverloadedError when ``workers + queue_limit`` jobs are already admitted, TimeoutError when the
-        job overran (its worker was killed and replaced), ResourceClosedError after aclose(); a worker that died
-        raises pebble's ProcessExpired.
-        """
-        with self._lock:
-            if self._closed or self._pool is None:
-                raise ResourceClosedError("cpu pool is not running")
-            if self._pending >= self.capacity + self._settings.queue_limit:
-                raise OverloadedError("all CPU workers are busy and the queue is full", retry_after_s=1)
-            self._pending += 1
-        try:
-            future = self._pool.schedule(fn, args=args, timeout=timeout or self._settings.job_timeout_s)
-        except BaseException:
-            self._release()
-            raise
-        future.add_done_callback(lambda _: self._release())
-        try:
-            return await asyncio.wrap_future(future)
-        except FutureTimeoutError as exc:
-            raise TimeoutError(f"job exceeded {timeout or self._settings.job_timeout_s:.1f} s") from exc
-
-    def _release(self) -> None:
-        with self._lock:
-            self._pending -= 1
+        busy = self._busy()
+        return PoolStats(
+            workers=self._settings.workers,
+            alive=sum(1 for w in self._workers if w.state in ("idle", "busy")),
+            busy=len(busy),
+            waiting=len(self._waiting),
+            admitted=self._admitted,
+            capacity=self.capacity,
+            worker_pids=tuple(self.worker_pids),
+            busy_pids=tuple(sorted(w.pid for w in busy if w.pid is not None)),
+            counters=dict(self._counters),
+        )
 
     async def aclose(self) -> None:
-        """Let running jobs finish, then stop and join every worker (none orphaned, none zombie)."""
-        with self._lock:
-            if self._closed:
-                return
-            self._closed = True
-        pool = self._pool
-        if pool is None:
+        """Refuse new jobs, let admitted ones finish (each bounded by its timeouts), then stop every worker and
+        unlink any segment of this process still in /dev/shm. Safe on a partly started pool, and idempotent."""
+        if self._closed:
             return
+        self._closing = True
+        if self._admitted or self._waiting or self._busy():
+            bound = self._settings.queue_timeout_s + self._settings.job_timeout_s + STOP_GRACE_S
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._drained.wait(), bound)
+        self._closed = True
+        for task in list(self._waiting):
+            self._finish(task, "cancelled", exc=ResourceClosedError("the CPU pool closed"))
+        self._waiting.clear()
+        for worker in list(self._workers):
+            self._retire(worker, "shutdown")
+        if self._workers:
+            try:
+                await asyncio.wait_for(self._all_exited.wait(), 2 * STOP_GRACE_S)
+            except TimeoutError:
+                # One still starting (stuck before it could say ready) never reads its retirement: kill it.
+                for worker in list(self._workers):
+                    worker.kill()
+                await self._all_exited.wait()
+        await self._reaper.aclose()
+        for name in self.namer.mine():
+            log.warning("unlinking leftover shared-memory segment %s", name)
+            with contextlib.suppress(OSError):
+                (shm.SHM_DIR / name).unlink()
+        atexit.unregister(self._kill_all_at_exit)
 
-        def close() -> None:
-            pool.close()  # type: ignore[no-untyped-call]
-            pool.join()
+    # -- workers -----------------------------------------------------------------------------------------------
 
-        await run_in_own_thread(close, name="cpu-pool-close")
+    def _spawn(self) -> None:
+        assert self._ctx is not None
+        assert self._registry is not None
+        assert self._loop is not None
+        worker = WorkerProcess(next(self._indexes))
+        self._workers.add(worker)
+        self._all_exited.clear()
+        worker.start(self._ctx, self._registry.plugin_refs, self, self._loop)
+
+    # -- WorkerEvents: reports from the couriers, on the loop --------------------------------------------------
+
+    def on_ready(self, worker: WorkerProcess) -> None:
+        if worker.state != "starting":
+            return
+        self._spawn_failures = 0
+        self._counters["workers_started"] += 1
+        if self._closing:
+            self._retire(worker, "shutdown")
+            return
+        worker.state = "idle"
+        self._idle.append(worker)
+        waiter = self._ready_during_start
+        if waiter is not None and not waiter.done() and len(self.worker_pids) >= self._settings.workers:
+            waiter.set_result(None)
+        self._dispatch()
+
+    def _retire(self, worker: WorkerProcess, reason: ExitReason) -> None:
+        if worker.task is not None:
+            worker.state = "doomed"
+            worker.exit_reason = reason
+            worker.kill()
+            return
+        worker.state = "retiring"
+        worker.exit_reason = worker.exit_reason or reason
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        worker.retire()
+
+    def on_exit(self, worker: WorkerProcess, exitcode: int | None, was_ready: bool) -> None:
+        self._workers.discard(worker)
+        with contextlib.suppress(ValueError):
+            self._idle.remove(worker)
+        task, worker.task = worker.task, None
+        reason: ExitReason = worker.exit_reason or ("crashed" if was_ready else "start_failed")
+        self._notify("worker_exited", worker.pid, reason)
+        if reason == "crashed":
+            self._counters["workers_crashed"] += 1
+            log.warning("CPU worker %s died (%s)", worker.pid, describe_exit(exitcode))
+        elif reason == "recycled":
+            self._counters["workers_recycled"] += 1
+        if task is not None:
+            self._task_lost(task, exitcode)
+        waiter = self._ready_during_start
+        if reason == "start_failed" and waiter is not None and not waiter.done():
+            # During start(): fail it rather than retry forever; the lifespan then closes what was opened.
+            self._counters["worker_start_failures"] += 1
+            waiter.set_exception(StartupError(f"a CPU worker failed to start ({describe_exit(exitcode)})"))
+        elif not self._closing:
+            self._schedule_respawn(reason)
+        if not self._workers:
+            self._all_exited.set()
+        self._dispatch()
+        self._check_drained()
+
+    def _schedule_respawn(self, reason: ExitReason) -> None:
+        assert self._loop is not None
+        if reason == "start_failed":
+            delay = RESPAWN_BACKOFF_S[min(self._spawn_failures, len(RESPAWN_BACKOFF_S) - 1)]
+            self._spawn_failures += 1
+            log.error("a CPU worker failed to start; retrying in %.1f s", delay)
+            self._loop.call_later(delay, self._respawn)
+        else:
+            self._counters["workers_replaced"] += 1
+            self._spawn()
+
+    def _respawn(self) -> None:
+        if not self._closing:
+            self._spawn()
+
+    # -- jobs --------------------------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        assert self._loop is not None
+        while self._idle and self._waiting:
+            worker = self._idle.popleft()
+            task = self._waiting.popleft()
+            if task.queue_timer is not None:
+                task.queue_timer.cancel()
+            worker.state = "busy"
+            worker.task = task
+            task.worker = worker
+            task.dispatched_at = time.perf_counter()
+            task.run_timer = self._loop.call_later(self._settings.job_timeout_s, self._on_job_timeout, task)
+            worker.hand(task)
+            self._notify("job_started", task.job.transform, task.dispatched_at - task.queued_at)
+
+    def on_started(self, worker: WorkerProcess, task: _Task) -> None:
+        task.started = True
+
+    def on_reply(self, worker: WorkerProcess, task: _Task, message: tuple[Any, ...], pipe_bytes: int) -> None:
+        task.pickle_bytes += pipe_bytes
+        if worker.task is task:
+            worker.task = None
+        worker.tasks_done += 1
+        kind = message[0]
+        if kind == "done":
+            self._finish(task, "ok", answer=message[2])
+        else:
+            _, _, error_kind, detail = message
+            exc: Exception = InvalidInputError(detail) if error_kind == "input" else TransformFailedError(f"{detail}")
+            if error_kind != "input":
+                log.error("transform %s failed: %s", task.job.transform, detail)
+            self._finish(task, "error", exc=exc)
+        limit = self._settings.max_tasks_per_child
+        if worker.state == "doomed":
+            pass  # being killed (its job overran just as it answered); replaced when its exit is seen
+        elif self._closing:
+            self._retire(worker, "shutdown")
+        elif limit and worker.tasks_done >= limit:
+            self._retire(worker, "recycled")
+        else:
+            worker.state = "idle"
+            self._idle.append(worker)
+        self._dispatch()
+        self._check_drained()
+
+    def _on_job_timeout(self, task: _Task) -> None:
+        worker = task.worker
+        if worker is None or worker.task is not task:
+            return
+        task.timed_out = True
+        worker.state = "doomed"
+        worker.exit_reason = "killed"
+        worker.kill()
+
+    def _on_queue_timeout(self, task: _Task) -> None:
+        if task in self._waiting:
+            self._waiting.remove(task)
+            self._finish(
+                task,
+                "queue_timeout",
+                exc=WorkerUnavailableError(f"no CPU worker became free within {self._settings.queue_timeout_s:g} s"),
+            )
+            self._check_drained()
+
+    def _task_lost(self, task: _Task, exitcode: int | None) -> None:
+        """The worker holding ``task`` is gone."""
+        if self._closed:
+            self._finish(task, "cancelled", exc=ResourceClosedError("the CPU pool closed before the job finished"))
+        elif task.timed_out:
+            self._finish(
+                task,
+                "timeout",
+                exc=TransformTimeoutError(
+                    f"the job exceeded {self._settings.job_timeout_s:g} s; its worker was stopped and replaced"
+                ),
+            )
+        elif task.abandoned:
+            self._finish(task, "cancelled")
+        elif not task.started and task.attempts == 0:
+            # It never ran, so it cannot be what killed the worker: one more try on another worker.
+            assert self._loop is not None
+            task.attempts += 1
+            task.worker = None
+            task.dispatched_at = 0.0
+            self._counters["retried"] += 1
+            if task.run_timer is not None:
+                task.run_timer.cancel()
+            self._waiting.appendleft(task)
+            task.queue_timer = self._loop.call_later(self._settings.queue_timeout_s, self._on_queue_timeout, task)
+        else:
+            self._finish(
+                task,
+                "crashed",
+                exc=WorkerCrashedError(f"the worker running the job died ({describe_exit(exitcode)}); retry later"),
+            )
+
+    def _abandon(self, task: _Task) -> None:
+        """The caller went away (cancelled): free its place in the queue, or stop the work it no longer wants."""
+        if task.future.done() and task.record is not None:
+            return
+        task.abandoned = True
+        if task in self._waiting:
+            self._waiting.remove(task)
+            self._finish(task, "cancelled")
+            self._check_drained()
+            return
+        worker = task.worker
+        if worker is not None and worker.task is task and worker.state == "busy":
+            worker.state = "doomed"
+            worker.exit_reason = "killed"
+            worker.kill()
+
+    def _finish(
+        self, task: _Task, outcome: Outcome, *, answer: Answer | None = None, exc: Exception | None = None
+    ) -> None:
+        if task.record is not None:
+            return
+        for timer in (task.queue_timer, task.run_timer):
+            if timer is not None:
+                timer.cancel()
+        now = time.perf_counter()
+        sent = task.dispatched_at > 0
+        input_transport: Transport = "shm" if isinstance(task.job.input, ShmArray) else "pickle"
+        output_transport: Transport | None = None
+        shm_bytes = task.job.input.nbytes if sent and isinstance(task.job.input, ShmArray) else 0
+        if answer is not None:
+            output_transport = "pickle" if answer.inline is not None else "shm"
+            if output_transport == "shm":
+                shm_bytes += answer.length
+        record = JobRecord(
+            transform=task.job.transform,
+            outcome=outcome,
+            input_transport=input_transport,
+            output_transport=output_transport,
+            shm_bytes=shm_bytes,
+            pickle_bytes=task.pickle_bytes,
+            queue_wait_s=(task.dispatched_at or now) - task.queued_at,
+            run_s=now - task.dispatched_at if sent else 0.0,
+            cpu_s=answer.cpu_s if answer is not None else 0.0,
+            worker_pid=task.worker.pid if task.worker is not None else None,
+        )
+        task.record = record
+        self._count(record, answer, sent)
+        self._notify("job_finished", record)
+        if not task.future.done():
+            if exc is not None:
+                task.future.set_exception(exc)
+            elif answer is not None:
+                task.future.set_result(answer)
+            else:
+                task.future.cancel()
+
+    def _count(self, record: JobRecord, answer: Answer | None, sent: bool) -> None:
+        c = self._counters
+        c[f"jobs_{record.outcome}"] += 1
+        if sent:
+            c[f"{record.input_transport}_inputs"] += 1
+        if record.output_transport is not None:
+            c[f"{record.output_transport}_outputs"] += 1
+        c["shm_bytes"] += record.shm_bytes
+        c["pickle_bytes"] += record.pickle_bytes
+        if answer is not None and answer.shm_fallback:
+            c["shm_fallbacks"] += 1
+            log.warning("/dev/shm could not hold a %d-byte answer; it came through the pipe", answer.length)
+
+    def dispose(self, *, close: Iterable[Closable] = (), drop: Iterable[object] = ()) -> None:
+        """Release large buffers (segments already unlinked, request bodies) off the event loop."""
+        self._reaper.dispose(close=close, drop=drop)
+
+    def count_input_fallback(self) -> None:
+        """The gateway could not back an input segment (/dev/shm full) and sent the array inline instead."""
+        self._counters["shm_fallbacks"] += 1
+
+    def _released(self) -> None:
+        self._admitted -= 1
+        self._check_drained()
+
+    def _check_drained(self) -> None:
+        if not self._admitted and not self._waiting and not self._busy():
+            self._drained.set()
+
+    def _busy(self) -> list[WorkerProcess]:
+        return [w for w in self._workers if w.task is not None]
+
+    def _notify(self, method: str, *args: Any) -> None:
+        if self.observer is None:
+            return
+        try:
+            getattr(self.observer, method)(*args)
+        except Exception:
+            log.exception("CPU pool observer failed in %s", method)
+
+    def _kill_all_at_exit(self) -> None:
+        # The interpreter is exiting without aclose(): workers ignore SIGTERM, and multiprocessing would join them
+        # forever at exit. Registered at start(), so it runs before multiprocessing's own exit handler.
+        for worker in list(self._workers):
+            worker.kill()
+
+
+def _start_forkserver_shielded() -> None:
+    import multiprocessing.forkserver
+
+    with group_signals_blocked():
+        multiprocessing.forkserver.ensure_running()

@@ -88,6 +88,15 @@ def _upstream_processes(tmp: Path, latency_ms: float, failure_rate: float) -> It
                 proc.wait()
 
 
+def transform_npy_examples(base: str, python: str) -> str:
+    """Banner lines for /transform with NumPy's .npy format: make an array, send it, read the answer back."""
+    return f"""  # .npy in and out (files in the current directory; numpy from the gateway's own Python):
+  {python} -c 'import numpy as np; np.save("x.npy", np.linspace(-3, 3, 7))'
+  curl -s {base}/transform/trig_log -H 'Content-Type: application/x-npy' --data-binary @x.npy -o y.npy
+  {python} -c 'import numpy as np; print(np.load("y.npy"))'
+  curl -s '{base}/transform/stats?percentiles=50,90' -H 'Content-Type: application/x-npy' --data-binary @x.npy"""
+
+
 def _print_banner(server: GatewayServer) -> None:
     base = f"http://127.0.0.1:{server.bound_port}"
     body = (
@@ -103,6 +112,7 @@ gateway demo is running at {base}   (authentication is off in the demo; Ctrl-C s
   curl -s '{base}/aggregate/user_overview?user_id=7&sku=A1'
   curl -s {base}/transform/trig_log -H 'Content-Type: application/json' -d '{{"data": [0.5, 1.0, 2.0]}}'
   curl -s {base}/transform
+{transform_npy_examples(base, sys.executable)}
   curl -s {base}/metrics
   curl -s {base}/readyz
 """,

@@ -120,7 +120,7 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
                 await _open(stack, readiness, "database", state.db)
 
             if settings.compute.enabled:
-                state.cpu = CpuPool(settings.compute)
+                state.cpu = CpuPool(settings.compute, observer=metrics.cpu_pool)
                 await _open(stack, readiness, "cpu_pool", state.cpu)
 
             state.diagnostics = Diagnostics(settings.diagnostics, state)

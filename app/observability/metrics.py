@@ -22,6 +22,8 @@ from prometheus_client.registry import Collector
 from app import __version__
 
 if TYPE_CHECKING:
+    from app.compute.stats import JobRecord
+    from app.compute.workers import ExitReason
     from app.state import GatewayState
     from app.upstream.breaker import BreakerState
 
@@ -73,6 +75,7 @@ class Metrics:
         self.cpu_transfer = Counter(
             "gateway_cpu_pool_transfer_bytes", "Array bytes moved to and from workers.", ["transport"], registry=r
         )
+        self.cpu_pool = CpuPoolMetrics(self)
 
         self.db_query = Histogram(
             "gateway_db_query_duration_seconds", "Named query latency.", ["query", "outcome"],
@@ -116,6 +119,31 @@ class ExecutorMetrics:
 
     def job_rejected(self) -> None:
         self._rejected.inc()
+
+
+class CpuPoolMetrics:
+    """PoolObserver for app.compute.pool.CpuPool; called on the event loop."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self._m = metrics
+
+    def job_rejected(self, transform: str) -> None:
+        self._m.cpu_rejected.inc()
+
+    def job_started(self, transform: str, queue_wait_s: float) -> None:
+        self._m.cpu_queue_wait.observe(queue_wait_s)
+
+    def job_finished(self, record: JobRecord) -> None:
+        self._m.cpu_run.observe(record.run_s)
+        if record.outcome == "timeout":
+            self._m.cpu_timeouts.inc()
+        self._m.cpu_transfer.labels("shm").inc(record.shm_bytes)
+        self._m.cpu_transfer.labels("pickle").inc(record.pickle_bytes)
+
+    def worker_exited(self, pid: int | None, reason: ExitReason) -> None:
+        # A worker replaced for any reason but a clean shutdown: recycled, crashed, killed on timeout.
+        if reason in ("recycled", "crashed", "killed"):
+            self._m.cpu_restarts.inc()
 
 
 class UpstreamMetrics:
@@ -204,12 +232,12 @@ class StateCollector(Collector):
         if cpu is None:
             return
         stats = cpu.stats()
-        yield _gauge("gateway_cpu_pool_capacity", "Worker processes.", stats.capacity)
-        yield _gauge("gateway_cpu_pool_busy", "Workers running a job.", min(stats.pending, stats.capacity))
-        yield _gauge("gateway_cpu_pool_queued", "Admitted jobs waiting for a worker.",
-                     max(0, stats.pending - stats.capacity))  # fmt: skip
-        yield _gauge("gateway_cpu_pool_queue_limit", "Most jobs allowed to wait.", stats.queue_limit)
-        yield _gauge("gateway_cpu_pool_shm_bytes", "Shared memory currently held.", 0.0)
+        settings = self._state.settings.compute
+        yield _gauge("gateway_cpu_pool_capacity", "Worker processes.", stats.workers)
+        yield _gauge("gateway_cpu_pool_busy", "Workers running a job.", stats.busy)
+        yield _gauge("gateway_cpu_pool_queued", "Admitted jobs waiting for a worker.", stats.waiting)
+        yield _gauge("gateway_cpu_pool_queue_limit", "Most jobs allowed to wait.", settings.queue_limit)
+        yield _gauge("gateway_cpu_pool_shm_bytes", "Shared memory currently held.", float(cpu.shm_bytes_held()))
 
     def _upstreams(self) -> Iterator[Metric]:
         client = self._state.upstreams

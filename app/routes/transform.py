@@ -1,37 +1,234 @@
-"""POST /transform/{name}: CPU-bound work in the process pool."""
+"""POST /transform/{name} and GET /transform: CPU-bound transforms in the process pool.
+
+A request is checked in full on the event loop (app/compute/staging.py) before its job is sent to a worker; a job's
+answer is streamed to the client from the segment the worker wrote it into, or sent from the pipe's bytes.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import contextlib
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
-from app.compute.transforms import run_trig_log
-from app.errors import NotFoundError
+from app.compute import answers, shm, staging
+from app.compute.pool import Completed, CpuPool
+from app.compute.wire import Job, OutputFormat
+from app.errors import (
+    InvalidParamsError,
+    MalformedInputError,
+    NotFoundError,
+    PayloadTooLargeError,
+    RequestTimeoutError,
+    UnsupportedMediaTypeError,
+)
 from app.responses import JSONResponse
+from app.settings import ComputeSettings
 from app.state import get_state
 
 router = APIRouter(tags=["transform"])
 
-TRANSFORMS = {"trig_log": "element-wise sin(x) * cos(x) + log1p(|x|), float64"}
+T = TypeVar("T")
 
-
-class TransformRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    data: float | list[float] = Field(description="A number or a list of numbers.")
-    params: dict[str, Any] = Field(default_factory=dict)
+STREAM_CHUNK = 1024 * 1024
+CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention); nobody reads this
 
 
 @router.get("/transform")
-async def list_transforms() -> JSONResponse:
-    return JSONResponse({"transforms": [{"name": k, "description": v} for k, v in TRANSFORMS.items()]})
+async def list_transforms(request: Request) -> JSONResponse:
+    state = get_state(request)
+    pool, settings = state.require_cpu(), state.settings.compute
+    return JSONResponse(
+        {
+            "transforms": [
+                spec.describe(settings.max_elements) for spec in pool.registry.values() if not spec.internal
+            ],
+            "formats": [answers.JSON_MEDIA_TYPE, answers.NPY_MEDIA_TYPE],
+            "limits": {
+                "max_body_bytes": settings.max_body_bytes,
+                "max_elements": settings.max_elements,
+                "shm_threshold_bytes": settings.shm_threshold_bytes,
+                "job_timeout_s": settings.job_timeout_s,
+                "queue_timeout_s": settings.queue_timeout_s,
+            },
+        }
+    )
 
 
-@router.post("/transform/{name}")
-async def transform(name: str, body: TransformRequest, request: Request) -> JSONResponse:
-    if name not in TRANSFORMS:
-        raise NotFoundError(f"unknown transform '{name}'")
-    result = await get_state(request).require_cpu().run(run_trig_log, body.data)
-    return JSONResponse({"result": result})
+# The body is read by hand (streamed, size-checked, decoded in slices), so FastAPI is told its shape here.
+_REQUEST_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["data"],
+                "properties": {
+                    "data": {"description": "A number, or a rectangular nested list of numbers."},
+                    "params": {"type": "object", "description": "The transform's parameters (GET /transform)."},
+                },
+            }
+        },
+        "application/x-npy": {
+            "schema": {"type": "string", "format": "binary", "description": "NumPy .npy; params in the query."}
+        },
+    },
+}
+
+
+@router.post("/transform/{name}", openapi_extra={"requestBody": _REQUEST_BODY})
+async def transform(name: str, request: Request) -> Response:
+    state = get_state(request)
+    pool, settings = state.require_cpu(), state.settings.compute
+    spec = pool.registry.get(name)
+    if spec is None or spec.internal:
+        raise NotFoundError(f"unknown transform {name!r}; GET /transform lists the available ones")
+    request_format = _request_format(request.headers.get("content-type"))
+    answer_format = answers.choose_format(request_format, request.headers.get("accept"), spec)
+    length = _content_length(request, settings)
+    query_params = None
+    if request_format == "npy":
+        query_params = staging.params_from_query(spec, request.query_params.multi_items())
+    elif request.query_params:
+        raise InvalidParamsError("a JSON request carries its params in the body, not in the query string")
+
+    with pool.admit(name) as admission:  # 503 + Retry-After at once when full; the place is ours until we leave
+        try:
+            stream = request.stream()
+            async with asyncio.timeout(settings.body_timeout_s):
+                if query_params is None:
+                    staged, params = await staging.stage_json(stream, spec, settings, pool, content_length=length)
+                else:
+                    params = query_params
+                    staged = await staging.stage_npy(stream, spec, params, settings, pool, content_length=length)
+        except ClientDisconnect:
+            return Response(status_code=CLIENT_CLOSED)
+        except TimeoutError as exc:
+            raise RequestTimeoutError(f"the body did not arrive within {settings.body_timeout_s:g} s") from exc
+        output: shm.Segment | None = None
+        try:
+            capacity = answers.answer_capacity(spec, staged.shape, staged.dtype, params, answer_format)
+            if pool.shm_enabled and capacity >= settings.shm_threshold_bytes:
+                # Sparse until the worker reserves what it writes: creating it costs no memory.
+                output = shm.Segment(pool.namer.next(), capacity)
+            job = Job(
+                transform=name,
+                params=params.model_dump(mode="json"),
+                input=staged.ref(),
+                output_format=answer_format,
+                output_segment=output.name if output is not None else None,
+                output_capacity=capacity if output is not None else 0,
+            )
+            # Awaiting the job holds an input segment and maybe an output one: both are unlinked in the
+            # finally below on every path, and the pool itself kills the worker if this await is cancelled.
+            completed = await _unless_disconnected(pool.run(job, admission), request.receive)
+        except BaseException:
+            if output is not None:
+                output.unlink()
+                pool.dispose(close=[output])
+            raise
+        finally:
+            staging.discard(staged, pool)
+            if output is not None:
+                output.unlink()  # the name goes now; the mapping stays for the answer below
+    if completed is None:
+        if output is not None:
+            pool.dispose(close=[output])
+        return Response(status_code=CLIENT_CLOSED)
+    return _answer(completed, output, pool)
+
+
+def _request_format(content_type: str | None) -> OutputFormat:
+    media = (content_type or "").split(";")[0].strip().lower()
+    if media == answers.JSON_MEDIA_TYPE:
+        return "json"
+    if media == answers.NPY_MEDIA_TYPE:
+        return "npy"
+    raise UnsupportedMediaTypeError(
+        f"send {answers.JSON_MEDIA_TYPE} or {answers.NPY_MEDIA_TYPE}, not {media or 'a body without Content-Type'}"
+    )
+
+
+def _content_length(request: Request, settings: ComputeSettings) -> int | None:
+    raw = request.headers.get("content-length")
+    if raw is None:
+        return None
+    try:
+        length = int(raw)
+    except ValueError as exc:
+        raise MalformedInputError(f"invalid Content-Length {raw!r}") from exc
+    if length > settings.max_body_bytes:
+        raise PayloadTooLargeError(f"the body is {length} bytes; transforms take at most {settings.max_body_bytes}")
+    return length
+
+
+async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T | None:
+    """Await ``work``, or cancel it and return None as soon as the client disconnects."""
+    job = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_disconnect(receive))
+    try:
+        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        # Whichever way we leave (done, disconnected, or cancelled ourselves), neither task outlives this call.
+        for task in (job, watcher):
+            if not task.done():
+                task.cancel()
+        for task in (job, watcher):
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.wait({task})
+    if job.cancelled():
+        return None
+    return job.result()
+
+
+async def _disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _answer(completed: Completed, output: shm.Segment | None, pool: CpuPool) -> Response:
+    answer = completed.answer
+    if answer.inline is not None:
+        if output is not None:
+            pool.dispose(close=[output])
+        inline = memoryview(answer.inline)
+        if inline.nbytes <= STREAM_CHUNK:
+            return Response(content=bytes(inline), media_type=answer.media_type)
+        # A large answer that came through the pipe (/dev/shm was full): streamed too, not written in one piece.
+        return StreamedAnswer(inline, answer.media_type, pool)
+    assert output is not None
+    return StreamedAnswer(output.view()[: answer.length], answer.media_type, pool, segment=output)
+
+
+class StreamedAnswer(Response):
+    """Sends an answer in 1 MiB slices (uvicorn's flow control paces them), from its already unlinked segment or
+    from the pipe's bytes; then hands the memory to the reaper."""
+
+    def __init__(self, view: memoryview, media_type: str, pool: CpuPool, *, segment: shm.Segment | None = None):
+        super().__init__(content=None, media_type=media_type)
+        self._view = view
+        self._pool = pool
+        self._segment = segment
+        self.headers["content-length"] = str(view.nbytes)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        view = self._view
+        try:
+            await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+            for start in range(0, view.nbytes, STREAM_CHUNK):
+                with view[start : start + STREAM_CHUNK] as piece:
+                    chunk = bytes(piece)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            backing = view.obj  # the mmap or the bytes: its last reference goes in the reaper thread
+            view.release()
+            del view
+            self._pool.dispose(close=[self._segment] if self._segment is not None else [], drop=[backing])

@@ -263,19 +263,20 @@ async def test_a_wedged_shutdown_still_ends_within_the_bound(
     config = write_config(tmp_path, upstream_url=upstream.url, delay=0, timeout=timeout, workers=1)
     sems_before = sem_files()
     gw = start_serve(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn})
+    # A value of its own, so that only this test's query matches in pg_stat_activity.
+    nap = round(20 + random.random(), 6)
     wedged: list[psutil.Process] = []
     try:
         await gw.wait_ready()
-        # A wedged worker (stopped, as a debugger or a frozen cgroup leaves it): the pool's close waits for it.
-        worker = next(p for p in gw.descendants() if p.ppid() != gw.gateway().pid)
-        worker.suspend()
-        wedged.append(worker)
         async with aiohttp.ClientSession() as client:
-            job = asyncio.create_task(client.post(f"{gw.url}/transform/trig_log", json={"data": [1.0]}))
-            # In flight: the job and this scrape itself.
-            async with asyncio.timeout(10):
-                while await scrape(gw.url, "gateway_http_requests_in_flight") < 2:
-                    pass
+            body = {"sources": {"nap": {"query": "sleep", "params": {"seconds": nap}}}, "deadline_ms": 30000}
+            job = asyncio.create_task(client.post(f"{gw.url}/aggregate", json=body))
+            await asyncio.to_thread(wait_for_query, pg_dsn, f"pg_sleep({nap})")
+            # A wedged database backend (stopped, as a frozen host leaves it): it cannot act on the cancel, so the
+            # DB executor's close waits for its thread for ever, and only the watchdog ends the process.
+            backend = psutil.Process(backend_pid(pg_dsn, f"pg_sleep({nap})"))
+            backend.suspend()
+            wedged.append(backend)
             signalled = time.time()
             gw.signal(signal.SIGTERM)
             code = await gw.wait_exit(timeout=timeout + BOUND_SLACK_S + 2)
@@ -283,9 +284,10 @@ async def test_a_wedged_shutdown_still_ends_within_the_bound(
             status = (await job).status
     finally:
         gw.kill()
-        for proc in wedged:  # never leave a stopped process behind, whatever happened
+        for proc in wedged:  # never leave a stopped backend behind, whatever happened
             with contextlib.suppress(psutil.Error):
-                proc.kill()
+                proc.resume()
+                proc.terminate()
 
     assert code == 5, gw.stderr()
     assert elapsed <= timeout + BOUND_SLACK_S
@@ -294,6 +296,17 @@ async def test_a_wedged_shutdown_still_ends_within_the_bound(
     assert leftover_processes(gw.marker) == []
     # The resource tracker outlived the gateway and unlinked the semaphores it could no longer unlink itself.
     assert new_sems(sems_before) == set()
+
+
+def backend_pid(dsn: str, needle: str) -> int:
+    with psycopg2.connect(dsn) as conn, conn.cursor() as cur:
+        cur.execute(
+            "SELECT pid FROM pg_stat_activity WHERE application_name = 'gateway' AND query LIKE %s", (f"%{needle}%",)
+        )
+        row = cur.fetchone()
+    conn.close()
+    assert row is not None
+    return int(row[0])
 
 
 def sem_files() -> set[str]:

@@ -1,0 +1,180 @@
+"""The transform registry: what each transform accepts, and where third-party transforms come from.
+
+A transform is a ``TransformSpec``: a top-level function that runs in a worker process, plus the declarations the
+gateway checks *before* any input reaches a worker (element types, ranks, element limit, NaN/inf policy, a params
+model, optional value checks). Built-ins live in ``app.compute.transforms``; other packages add theirs through the
+``gateway.transforms`` entry-point group, each entry naming a ``TransformSpec`` object::
+
+    [project.entry-points."gateway.transforms"]
+    moving_average = "acme_transforms:MOVING_AVERAGE"
+
+The gateway discovers entry points once, at start-up, and hands their ``module:attr`` references to its workers,
+which import exactly those: both sides always agree on the set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import re
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict
+
+ENTRY_POINT_GROUP = "gateway.transforms"
+NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+
+NUMERIC_DTYPES = (
+    "float64",
+    "float32",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
+)
+INTEGER_DTYPES = tuple(d for d in NUMERIC_DTYPES if "int" in d)
+
+Shape = tuple[int, ...]
+TransformFn = Callable[[npt.NDArray[Any], Any], Any]
+ResultLayout = Callable[[Shape, np.dtype[Any], Any], tuple[Shape, np.dtype[Any]]]
+InputCheck = Callable[[npt.NDArray[Any], Any], None]
+
+
+class TransformInputError(ValueError):
+    """Raised by a transform (or its ``check``) for values it refuses; answered 422 with the message."""
+
+
+class NoParams(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TransformDefinitionError(Exception):
+    """A transform, or an entry point naming one, is not a usable TransformSpec."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransformSpec:
+    """One transform.
+
+    ``func(array, params)`` runs in a worker and returns an ndarray (``result="array"``) or a JSON-able mapping
+    (``result="object"``). It must be a top-level function of an importable module, with no import-time side effects.
+
+    ``result_layout(shape, dtype, params)`` gives the shape and dtype of an array result; with it the gateway sizes a
+    shared-memory segment for large answers (without it, answers come back through the pipe) and checks what the
+    function returned. ``check(array, params)`` runs in the gateway on the staged input, before any worker sees it:
+    keep it vectorised and cheap, and raise TransformInputError.
+    """
+
+    name: str
+    func: TransformFn
+    description: str
+    params: type[BaseModel] = NoParams
+    dtypes: tuple[str, ...] = NUMERIC_DTYPES
+    min_rank: int = 0
+    max_rank: int = 8
+    max_elements: int | None = None
+    allow_nonfinite: bool = False
+    result: Literal["array", "object"] = "array"
+    result_layout: ResultLayout | None = None
+    check: InputCheck | None = None
+    # Called once in every new worker before it reports ready, so the first request pays no warm-up.
+    warmup: Callable[[], None] | None = field(default=None, repr=False)
+    # The gateway's own work (e.g. decoding large upstream JSON): never listed, never callable over HTTP.
+    internal: bool = False
+
+    def validate_definition(self) -> None:
+        """Raises TransformDefinitionError naming what is wrong."""
+        if not NAME_PATTERN.match(self.name):
+            raise TransformDefinitionError(f"transform name {self.name!r} must match {NAME_PATTERN.pattern}")
+        if not callable(self.func):
+            raise TransformDefinitionError(f"transform {self.name}: func is not callable")
+        if not (isinstance(self.params, type) and issubclass(self.params, BaseModel)):
+            raise TransformDefinitionError(f"transform {self.name}: params must be a pydantic model class")
+        if not 0 <= self.min_rank <= self.max_rank <= 32:
+            raise TransformDefinitionError(f"transform {self.name}: ranks must satisfy 0 <= min <= max <= 32")
+        for name in self.dtypes:
+            if name not in NUMERIC_DTYPES and name != "bool":
+                raise TransformDefinitionError(f"transform {self.name}: unsupported dtype {name!r}")
+        if self.result not in ("array", "object"):
+            raise TransformDefinitionError(f"transform {self.name}: result must be 'array' or 'object'")
+
+    def element_limit(self, gateway_limit: int) -> int:
+        return gateway_limit if self.max_elements is None else min(self.max_elements, gateway_limit)
+
+    def describe(self, gateway_limit: int) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "description": self.description,
+            "dtypes": list(self.dtypes),
+            "ranks": {"min": self.min_rank, "max": self.max_rank},
+            "max_elements": self.element_limit(gateway_limit),
+            "nonfinite": "allowed" if self.allow_nonfinite else "rejected",
+            "result": self.result,
+            "formats": ["json", "npy"] if self.result == "array" else ["json"],
+            "params": self.params.model_json_schema(),
+        }
+
+
+class Registry(Mapping[str, TransformSpec]):
+    """Transforms by name, and the entry-point references a worker needs to load the same set."""
+
+    def __init__(self, specs: list[TransformSpec], plugin_refs: list[tuple[str, str]]) -> None:
+        self._specs: dict[str, TransformSpec] = {}
+        for spec in specs:
+            spec.validate_definition()
+            if spec.name in self._specs:
+                raise TransformDefinitionError(f"two transforms are named {spec.name!r}")
+            self._specs[spec.name] = spec
+        self.plugin_refs = list(plugin_refs)
+
+    def __getitem__(self, name: str) -> TransformSpec:
+        return self._specs[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._specs)
+
+    def __len__(self) -> int:
+        return len(self._specs)
+
+
+def builtin_specs() -> list[TransformSpec]:
+    from app.compute.jsonwork import JSON_DIGEST
+    from app.compute.transforms import BUILTINS
+
+    return [*BUILTINS, JSON_DIGEST]
+
+
+def _load_ref(name: str, ref: str) -> TransformSpec:
+    module_name, _, attr = ref.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split(".") if attr else ():
+            obj = getattr(obj, part)
+    except Exception as exc:  # any import-time failure of a third-party module
+        raise TransformDefinitionError(f"entry point {name} = {ref!r} cannot be loaded: {exc}") from exc
+    if not isinstance(obj, TransformSpec):
+        raise TransformDefinitionError(f"entry point {name} = {ref!r} is not a TransformSpec")
+    if obj.name != name:
+        raise TransformDefinitionError(f"entry point {name} = {ref!r} names a transform called {obj.name!r}")
+    return obj
+
+
+def discover_plugins() -> list[tuple[str, str]]:
+    """``(name, "module:attr")`` of every entry point in the ``gateway.transforms`` group, sorted by name."""
+    eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
+    return sorted((ep.name, ep.value) for ep in eps)
+
+
+def load_registry(plugin_refs: list[tuple[str, str]]) -> Registry:
+    """Built-ins plus the given plugin references. Raises TransformDefinitionError for a broken one."""
+    specs = builtin_specs()
+    specs.extend(_load_ref(name, ref) for name, ref in plugin_refs)
+    return Registry(specs, plugin_refs)
