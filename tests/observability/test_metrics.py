@@ -185,3 +185,29 @@ async def test_request_log_line_has_the_source_summary(
     sources = line.sources  # type: ignore[attr-defined]
     assert sources["ok"]["outcome"] == "ok"
     assert sources["down"] == {**sources["down"], "outcome": "upstream_status", "attempts": 2}
+
+
+async def test_cpu_jobs_saturate_the_process_pool() -> None:
+    settings = make_settings(compute={"enabled": True, "workers": 1, "queue_limit": 2, "job_timeout_s": 30})
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+
+        async def job() -> int:
+            async with client.post(f"{gw.url}/transform/prime_count", json={"data": [3_000_000]}) as resp:
+                await resp.read()
+                return resp.status
+
+        jobs = [asyncio.create_task(job()) for _ in range(4)]
+        deadline = time.monotonic() + 10
+        while gw.state.cpu.stats().waiting < 2:
+            assert time.monotonic() < deadline, "the jobs never queued"
+            await asyncio.sleep(0.01)
+        during = await scrape(client, gw.url)
+        statuses = sorted(await asyncio.gather(*jobs))
+        after = await scrape(client, gw.url)
+    assert value(during, "gateway_cpu_pool_busy") == value(during, "gateway_cpu_pool_capacity") == 1
+    assert value(during, "gateway_cpu_pool_queued") == 2
+    assert statuses == [200, 200, 200, 503]  # the fourth found the queue full
+    assert value(after, "gateway_cpu_pool_rejected_total") == 1
+    assert value(after, "gateway_cpu_pool_run_seconds_count") >= 3
+    assert value(after, "gateway_cpu_pool_queue_wait_seconds_count") >= 3
+    assert value(after, "gateway_cpu_pool_transfer_bytes_total", transport="pickle") > 0
