@@ -13,6 +13,7 @@ from app.errors import ResourceClosedError
 from app.lifecycle.readiness import Readiness
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
+from app.security.guard import Guard
 from app.settings import Settings
 from app.upstream.client import UpstreamClient
 from app.upstream.session import HttpSession
@@ -30,6 +31,7 @@ class GatewayState:
     loop: asyncio.AbstractEventLoop | None = None
     admin_port: int | None = None
     tracing: Tracing | None = None
+    guard: Guard | None = None
 
     def require_db(self) -> Database:
         if self.db is None:

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.compute.transforms import run_trig_log
-from app.errors import NotFoundError
+from app.errors import NotFoundError, TooManyElementsError
 from app.responses import JSONResponse
 from app.state import get_state
 
@@ -24,14 +24,35 @@ class TransformRequest(BaseModel):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
-@router.get("/transform")
+class TransformInfo(BaseModel):
+    name: str
+    description: str
+
+
+class TransformList(BaseModel):
+    transforms: list[TransformInfo]
+
+
+class TransformResult(BaseModel):
+    result: float | list[float]
+
+
+@router.get("/transform", response_model=None, responses={200: {"model": TransformList}})
 async def list_transforms() -> JSONResponse:
     return JSONResponse({"transforms": [{"name": k, "description": v} for k, v in TRANSFORMS.items()]})
 
 
-@router.post("/transform/{name}")
+@router.post(
+    "/transform/{name}",
+    response_model=None,
+    responses={200: {"model": TransformResult}, 404: {"description": "No such transform"}},
+)
 async def transform(name: str, body: TransformRequest, request: Request) -> JSONResponse:
     if name not in TRANSFORMS:
         raise NotFoundError(f"unknown transform '{name}'")
-    result = await get_state(request).require_cpu().run(run_trig_log, body.data)
+    state = get_state(request)
+    limit = state.settings.limits.max_transform_elements
+    if isinstance(body.data, list) and len(body.data) > limit:
+        raise TooManyElementsError(f"at most {limit} elements per transform input")
+    result = await state.require_cpu().run(run_trig_log, body.data)
     return JSONResponse({"result": result})
