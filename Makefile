@@ -8,7 +8,7 @@ UV     := $(or $(shell command -v uv 2>/dev/null),$(TOOLS)/bin/uv)
 export VIRTUAL_ENV := $(abspath $(VENV))
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck pytest lock ensure-postgres clean
+.PHONY: install demo test lint typecheck pytest lock ensure-postgres ensure-redis clean
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -25,7 +25,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/gateway demo
 
-test: install ensure-postgres lint typecheck pytest
+test: install ensure-postgres ensure-redis lint typecheck pytest
 
 lint: install
 	$(BIN)/ruff check app tests bench
@@ -39,6 +39,9 @@ pytest: install
 
 ensure-postgres:
 	@scripts/ensure-postgres.sh
+
+ensure-redis:
+	@scripts/ensure-redis.sh
 
 # Re-pin after editing pyproject.toml. Hashes only: no index URL or download address is recorded.
 lock: | $(UV)
