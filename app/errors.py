@@ -14,6 +14,7 @@ GatewayError
 │   ├── UnauthorizedError       401 + WWW-Authenticate: no valid API key
 │   ├── ForbiddenError          403: the key lacks the scope, or a source is outside its allowlist
 │   ├── NotFoundError           404
+│   ├── RequestTimeoutError     408: the request head did not arrive within limits.request_head_timeout_s
 │   ├── PayloadTooLargeError    413: the body is larger than limits.max_body_bytes
 │   │   └── TooManyElementsError     413: a transform input has more than limits.max_transform_elements
 │   ├── UriTooLongError         414: path and query longer than limits.max_url_bytes
@@ -124,6 +125,12 @@ class NotFoundError(ProblemError):
     status = 404
     type = "not-found"
     title = "Not found"
+
+
+class RequestTimeoutError(ProblemError):
+    status = 408
+    type = "request-timeout"
+    title = "Request timeout"
 
 
 class PayloadTooLargeError(ProblemError):

@@ -185,6 +185,7 @@ class LimitSettings(_Section):
     # orjson refuses to encode past 255 levels; an aggregate wraps a client's JSON in a few levels of its own.
     max_json_depth: int = Field(32, ge=2, le=200, description="Nesting of a JSON request body (400).")
     max_transform_elements: int = Field(1_000_000, ge=1, description="Elements of one transform input (413).")
+    request_head_timeout_s: float = Field(10.0, gt=0, le=600, description="To receive a whole head (408).")
     max_in_flight_requests: int = Field(512, ge=1, le=1_000_000, description="Beyond it: 503 at once.")
     shed_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a shed request.")
 

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from app.main import create_app
+from app.security.head_limit import head_limited_protocol
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -72,7 +73,8 @@ def build_server(
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with the request head bounded while it arrives (app/security/head_limit.py).
+        http=head_limited_protocol(settings.limits),
         lifespan="on",
         log_config=None,
         access_log=False,
