@@ -21,7 +21,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from app.errors import ConfigError
 from app.sizing import default_cpu_workers, default_io_threads
@@ -437,8 +443,14 @@ def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings
             raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     if environ:
-        env = EnvSettingsSource(Settings, env_prefix="GATEWAY_", env_nested_delimiter="__", case_sensitive=False)()
+        try:
+            env = EnvSettingsSource(Settings, env_prefix="GATEWAY_", env_nested_delimiter="__", case_sensitive=False)()
+        except SettingsError as exc:
+            # A variable holding a list or table must be JSON; the message names the field, never the value.
+            raise ConfigError([f"environment: {exc} (a list or table must be JSON)"]) from exc
         data = _deep_merge(data, env)
     try:
         return Settings(**data)
