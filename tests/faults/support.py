@@ -65,13 +65,14 @@ def config(**sections: Any) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def serve(tmp_path: Path, data: dict[str, Any], **kwargs: Any) -> Iterator[GatewayProcess]:
+def serve(tmp_path: Path, data: dict[str, Any], *, check_log: bool = True, **kwargs: Any) -> Iterator[GatewayProcess]:
+    """A real `gateway serve` on this config; afterwards (``check_log``) its log must hold no traceback."""
     path = tmp_path / f"gateway-{time.monotonic_ns()}.toml"
     path.write_text(toml(data))
     with gateway_process(path, tmp_path, auth=data.get("auth", {}).get("enabled", False), **kwargs) as gw:
         yield gw
     stderr = gw.stderr()
-    assert "Traceback" not in stderr, stderr[-4000:]
+    assert not check_log or "Traceback" not in stderr, stderr[-4000:]
 
 
 def rss_mib(gw: GatewayProcess) -> float:
@@ -94,3 +95,13 @@ async def healthz_ms(client: aiohttp.ClientSession, gw: GatewayProcess) -> float
         assert resp.status == 200
         await resp.read()
     return (time.perf_counter() - started) * 1000
+
+
+def pool_workers(gw: GatewayProcess) -> list[psutil.Process]:
+    """The CPU pool's worker processes: the children of the gateway's forkserver."""
+    workers: list[psutil.Process] = []
+    for child in psutil.Process(gw.proc.pid).children():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "forkserver" in " ".join(child.cmdline()):
+                workers += child.children()
+    return workers
