@@ -111,6 +111,7 @@ def _raise_fd_limit() -> None:
 
 
 def _serve(config: Path | None, host: str | None, port: int | None) -> int:
+    from app.lifecycle.heap import freeze_startup_heap
     from app.lifecycle.server import serve
     from app.observability.logging import configure_logging
     from app.settings import ServerSettings, load_settings
@@ -132,4 +133,4 @@ def _serve(config: Path | None, host: str | None, port: int | None) -> int:
         settings.server.log_level, settings.server.log_format, access_log=settings.observability.access_log
     )
     _raise_fd_limit()
-    return serve(settings)
+    return serve(settings, on_ready=lambda _: freeze_startup_heap())

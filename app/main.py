@@ -11,7 +11,6 @@ from starlette.routing import BaseRoute
 from app import __version__, problems
 from app.errors import ConfigError
 from app.lifecycle.lifespan import build_lifespan
-from app.middleware.admission import AdmissionMiddleware
 from app.middleware.auth import AuthMiddleware
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.json_depth import JsonDepthMiddleware
@@ -23,6 +22,7 @@ from app.openapi import install_openapi
 from app.responses import JSONResponse
 from app.routes import aggregate, health, metrics, transform
 from app.security.access import AccessRules
+from app.security.admission import Admission
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -48,6 +48,12 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     )
     app.state.settings = settings
     app.state.tracer_provider = tracer_provider
+    # Decided in the HTTP protocol, before the app (app/security/protocol.py); kept here, with the app it guards.
+    app.state.admission = Admission(
+        limit=settings.limits.max_in_flight_requests,
+        retry_after_s=settings.limits.shed_retry_after_s,
+        exempt=UNSHED_PATHS,
+    )
     problems.install(app)
     for module in (health, aggregate, transform):
         app.include_router(module.router)
@@ -64,13 +70,13 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
 
 def _add_middleware(app: FastAPI, settings: Settings, rules: AccessRules) -> None:
     limits = settings.limits
-    # Added innermost first (Starlette wraps each new one around the previous). From the outside in:
+    # Added innermost first (Starlette wraps each new one around the previous). Before all of them, in the HTTP
+    # protocol: the head's size and time bounds, and the global in-flight limit. From the outside in:
     #   request id       every answer carries one, even a shed 503
     #   metrics          counts every answer, shed and refused ones too
     #   security headers on every answer
     #   CORS             only when origins are configured; outside the refusals, so a browser can read them
     #   request limits   header count and size, URL, query parameters: the head only, nothing read yet
-    #   admission        the global in-flight limit: 503 + Retry-After at once
     #   auth             401 / 403 / 429 before any body is read
     #   body limit       413 while the body streams in
     #   JSON depth       400 before any parser recurses
@@ -78,12 +84,6 @@ def _add_middleware(app: FastAPI, settings: Settings, rules: AccessRules) -> Non
     app.add_middleware(BodyLimitMiddleware, default=limits.max_body_bytes)
     if settings.auth.enabled:
         app.add_middleware(AuthMiddleware, rules=rules)
-    app.add_middleware(
-        AdmissionMiddleware,
-        limit=limits.max_in_flight_requests,
-        retry_after_s=limits.shed_retry_after_s,
-        exempt=UNSHED_PATHS,
-    )
     app.add_middleware(RequestLimitsMiddleware, limits=limits)
     cors = settings.cors
     if cors.allow_origins:

@@ -192,6 +192,10 @@ class LimitSettings(_Section):
     max_json_depth: int = Field(32, ge=2, le=200, description="Nesting of a JSON request body (400).")
     max_transform_elements: int = Field(1_000_000, ge=1, description="Elements of one transform input (413).")
     request_head_timeout_s: float = Field(10.0, gt=0, le=600, description="To receive a whole head (408).")
+    # Connections the kernel holds for the gateway to accept. The event loop accepts a whole queue in one turn, so a
+    # long queue is a long stall in a burst (on 2 cores, a queue of 1,024 stalled it for up to 300 ms; of 128, for
+    # well under 100 ms); past it the kernel has clients retry their SYN a second later.
+    listen_backlog: int = Field(128, ge=16, le=65535, description="Pending connections, at most.")
     max_in_flight_requests: int = Field(512, ge=1, le=1_000_000, description="Beyond it: 503 at once.")
     shed_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a shed request.")
 

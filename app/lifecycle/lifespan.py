@@ -34,6 +34,7 @@ from app.observability.blocking import BlockingDetector
 from app.observability.looplag import LoopLagSampler
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
+from app.security.admission import SHED_REASON
 from app.security.guard import Guard
 from app.settings import Settings
 from app.state import GatewayState
@@ -102,6 +103,8 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
         sampler = LoopLagSampler(metrics.loop_lag, interval_s=obs.loop_lag_interval_ms / 1000)
         async with AsyncExitStack() as stack:
             await _open(stack, readiness, "metrics", _NoStart(_noop))
+            if getattr(app.state, "admission", None) is not None:
+                app.state.admission.observe(metrics.shed.labels(SHED_REASON).inc)
             metrics.register_state(state, sampler.worst_recent_s)
             state.tracing = Tracing(obs.tracing, provider=app.state.tracer_provider)
             await _open(stack, readiness, "tracing", state.tracing)

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import uvicorn
 
 from app.main import create_app
-from app.security.head_limit import head_limited_protocol
+from app.security.protocol import gateway_protocol
 from app.settings import Settings
 
 if TYPE_CHECKING:
@@ -68,13 +68,15 @@ def build_server(
     on_ready: Callable[[GatewayServer], None] | None = None,
     tracer_provider: TracerProvider | None = None,
 ) -> GatewayServer:
+    app = create_app(settings, tracer_provider=tracer_provider)
     config = uvicorn.Config(
-        create_app(settings, tracer_provider=tracer_provider),
+        app,
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        # httptools, with the request head bounded while it arrives (app/security/head_limit.py).
-        http=head_limited_protocol(settings.limits),
+        # httptools, with the request head bounded and admission decided before the app (app/security/protocol.py).
+        http=gateway_protocol(settings.limits, app.state.admission),
+        backlog=settings.limits.listen_backlog,
         lifespan="on",
         log_config=None,
         access_log=False,

@@ -1,4 +1,6 @@
-"""Bounds on the request head while it is still arriving, inside the HTTP protocol: its size and its time.
+"""The HTTP protocol the gateway serves with: uvicorn's httptools protocol, plus what must happen before a request
+reaches the app: bounds on the request head while it is still arriving (its size and its time), and admission
+(app/security/admission.py).
 
 httptools keeps no limit of its own: it buffers a header of any length until its end arrives (50 MB were seen to
 be taken whole), and the ASGI app only ever sees complete heads. Nor does uvicorn time a head: a client that
@@ -14,12 +16,20 @@ on_headers_complete) and data_received; tests/security/test_limits.py fails if a
 from __future__ import annotations
 
 import asyncio
+import contextvars
+import itertools
+import secrets
+from typing import cast
 
 import orjson
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from starlette.types import ASGIApp, Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from app.errors import HeadersTooLargeError, ProblemError, RequestTimeoutError
+from app.middleware.request_limits import head_problem
+from app.middleware.security_headers import HEADERS as SECURITY_HEADERS
 from app.problems import TYPE_PREFIX
+from app.security.admission import Admission
 from app.settings import LimitSettings
 
 # Request line, ": " and CRLF per header, the blank line: what a head costs beyond its names, values and URL.
@@ -28,13 +38,37 @@ LINGER_S = 1.0
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
+LIVENESS_PATH = "/healthz"
+
+
+def _canned(status_line: bytes, body: bytes) -> tuple[bytes, bytes]:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *SECURITY_HEADERS]
+    return status_line + b"".join(b"%s: %s\r\n" % h for h in headers), body
+
+
+_LIVENESS = _canned(b"HTTP/1.1 200 OK\r\n", b'{"status":"ok"}')
+# Request ids of canned answers: a per-process random prefix and a counter, no system call per answer.
+_ID_PREFIX = secrets.token_hex(8).encode()
+_ids = itertools.count()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _request_id() -> bytes:
+    return b"%s%08x" % (_ID_PREFIX, next(_ids))
+
+
 def max_head_bytes(limits: LimitSettings) -> int:
     return limits.max_header_bytes + limits.max_url_bytes + 4 * limits.max_headers + _HEAD_OVERHEAD
 
 
-class HeadLimitedProtocol(HttpToolsProtocol):
+class GatewayProtocol(HttpToolsProtocol):
     max_head_bytes: int = 64 * 1024
     head_timeout_s: float = 10.0
+    admission: Admission | None = None
+    limits: LimitSettings | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._in_head: bool | None = True  # None once refused
@@ -71,6 +105,53 @@ class HeadLimitedProtocol(HttpToolsProtocol):
             if self._head_bytes > self.max_head_bytes:
                 self._refuse(HeadersTooLargeError(f"the request head exceeds {self.max_head_bytes} bytes"))
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:  # type: ignore[override]
+        # Called when a request may start (at once, or when the one before it on this connection is done).
+        admission = self.admission
+        path = cycle.scope["path"]
+        if (
+            path == LIVENESS_PATH
+            and cycle.scope["method"] in ("GET", "HEAD")
+            and (
+                self.limits is None or head_problem(cast(Scope, cycle.scope), self.limits) is None
+            )  # else the app refuses
+        ):
+            # Liveness is the event loop answering: in the turn that read the request, with no task to schedule,
+            # so that a loop busy with a burst still answers its probe within one turn.
+            self._answer(cycle, *_LIVENESS)
+        elif admission is None or path in admission.exempt:
+            super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+        elif admission.admits(cycle.scope["path"]):
+            # As uvicorn's own, plus the admission count released when the task ends, however it ends.
+            admission.enter()
+            context = contextvars.Context() if getattr(self.config, "reset_contextvars", False) else None
+            task = self.loop.create_task(cycle.run_asgi(app), context=context)  # type: ignore[arg-type]
+            task.add_done_callback(admission.leave)
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+        else:
+            self._answer(cycle, *admission.shed())
+
+    def _answer(self, cycle: RequestResponseCycle, head: bytes, body: bytes) -> None:
+        # A canned answer, straight to the socket, with the cycle marked done as uvicorn's own send() would: a body
+        # still arriving is then dropped by on_body, and the connection goes on to its next request.
+        cycle.response_started = cycle.response_complete = True
+        cycle.message_event.set()
+        parts = [head, *(b"%s: %s\r\n" % header for header in self.server_state.default_headers)]
+        parts.append(b"x-request-id: %s\r\n" % _request_id())
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if cycle.scope["method"] != "HEAD":
+            parts.append(body)
+        self.transport.write(b"".join(parts))
+        if not cycle.keep_alive:
+            self.transport.close()
+        # As uvicorn's run_asgi does when a request ends: the cycle's hook back to this protocol is a reference
+        # cycle that only the garbage collector would break, and in a burst its pauses stall the loop.
+        cycle.on_response = _nothing
+        self.on_response_complete()
+
     def _start_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
 
@@ -103,7 +184,12 @@ class HeadLimitedProtocol(HttpToolsProtocol):
         self.loop.call_later(LINGER_S, self.transport.close)
 
 
-def head_limited_protocol(limits: LimitSettings) -> type[HeadLimitedProtocol]:
-    """The protocol class for uvicorn's ``http=`` setting, bound to these limits."""
-    attrs = {"max_head_bytes": max_head_bytes(limits), "head_timeout_s": limits.request_head_timeout_s}
-    return type("HeadLimitedProtocol", (HeadLimitedProtocol,), attrs)
+def gateway_protocol(limits: LimitSettings, admission: Admission | None) -> type[GatewayProtocol]:
+    """The protocol class for uvicorn's ``http=`` setting, bound to these limits and this admission count."""
+    attrs = {
+        "max_head_bytes": max_head_bytes(limits),
+        "head_timeout_s": limits.request_head_timeout_s,
+        "admission": admission,
+        "limits": limits,
+    }
+    return type("GatewayProtocol", (GatewayProtocol,), attrs)
