@@ -62,9 +62,36 @@ def _is_fastapi_default(response: dict[str, Any]) -> bool:
     return str(schema.get("$ref", "")).endswith("/HTTPValidationError")
 
 
+def _tighten(node: Any) -> None:
+    """Make pydantic's schemas say what the models enforce: a dict whose keys must match a pattern accepts no other
+    key (JSON Schema would let other keys through unconstrained)."""
+    if isinstance(node, dict):
+        if "patternProperties" in node and "additionalProperties" not in node and "properties" not in node:
+            node["additionalProperties"] = False
+        for value in node.values():
+            _tighten(value)
+    elif isinstance(node, list):
+        for value in node:
+            _tighten(value)
+
+
+def _json_schema(response: dict[str, Any]) -> None:
+    # The gateway's JSONResponse is not FastAPI's, so FastAPI types its body as a string: it is JSON, described by
+    # the declared model when there is one.
+    content = response.get("content", {}).get("application/json")
+    if content is None:
+        return
+    schema = content.get("schema", {})
+    if "$ref" in schema or "anyOf" in schema:
+        schema.pop("type", None)
+    elif schema == {"type": "string"}:
+        content["schema"] = {}
+
+
 def build_openapi(app: FastAPI, rules: AccessRules, *, auth: bool) -> dict[str, Any]:
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=app.description)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    _tighten(schemas)
     for name in _FASTAPI_DEFAULTS:
         schemas.pop(name, None)
     schemas.update(Problem.model_json_schema(ref_template="#/components/schemas/{model}").pop("$defs", {}))
@@ -80,6 +107,7 @@ def build_openapi(app: FastAPI, rules: AccessRules, *, auth: bool) -> dict[str, 
             for status, description in declared.items():
                 responses.setdefault(status, {"description": description})
             for status, response in responses.items():
+                _json_schema(response)
                 if not status.isdigit() or int(status) < 400:
                     continue
                 # A route's own error body (the readiness report on 503) stays; everything else is a problem.

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 
 from app.aggregate.models import AggregateRequest, AggregateResponse, FlatAggregateResponse, SourceResult
 from app.aggregate.service import Aggregator, Plan, effective_deadline_s, merge_flat, plan_composite, plan_request
@@ -50,7 +50,10 @@ _COMPOSITE_ANSWER = {"model": AggregateResponse | FlatAggregateResponse}
         404: {"description": "No such composite"},
     },
 )
-async def aggregate_composite(composite: str, request: Request) -> JSONResponse:
+async def aggregate_composite(
+    composite: Annotated[str, Path(description="A composite declared in the config", examples=["user_overview"])],
+    request: Request,
+) -> JSONResponse:
     """Run a composite declared in the config, its templates filled from the query string. 502 when a source
     marked `required` failed."""
     state = get_state(request)

@@ -209,7 +209,7 @@ async def test_a_storm_of_errors(gateway: GatewayProcess, upstream: UpstreamServ
         for _, body, _ in answers
         if body["results"]["bad"]["error"]["type"] == "circuit_open"
     ]
-    assert max(fast) < 20
+    assert max(fast) < 50  # no call is made: only the loop's own scheduling
     assert upstream.count(f"/{name}/x") <= 20, "40 requests with 3 attempts each must not become 120 calls"
 
     upstream.set(f"/{name}/x", Behavior())
