@@ -70,6 +70,9 @@ async def during_fault(
     """n requests mixing the faulty source with a good one, n requests that only touch good upstreams, and
     /healthz probes, all at once. Returns the mixed answers and the probe latencies; asserts nothing was lost."""
     async with aiohttp.ClientSession() as client:
+        # One alone first, while the upstream's breaker is still closed: it meets the fault itself. Among the
+        # concurrent ones that follow, the breaker may open at any moment (5 failures), so either may come back.
+        first = await aggregate(client, gw, {"bad": {"upstream": faulty, "path": "/x"}, "ok": GOOD}, deadline_ms)
         mixed_tasks = [
             asyncio.create_task(
                 aggregate(client, gw, {"bad": {"upstream": faulty, "path": "/x"}, "ok": GOOD}, deadline_ms)
@@ -78,7 +81,7 @@ async def during_fault(
         ]
         clean_tasks = [asyncio.create_task(aggregate(client, gw, {"a": GOOD, "b": GOOD})) for _ in range(n)]
         probes = [await healthz_ms(client, gw) for _ in range(5)]
-        mixed = await asyncio.gather(*mixed_tasks)
+        mixed = [first, *await asyncio.gather(*mixed_tasks)]
         clean = await asyncio.gather(*clean_tasks)
     for status, body, _ in clean:
         assert status == 200
@@ -108,9 +111,10 @@ async def recovered(gw: GatewayProcess, name: str, within_s: float = 5.0) -> Non
 
 
 def errors_of(mixed: list[tuple[int, Any, float]], kind: str) -> set[str]:
-    """The error types the faulty source had: its own, and circuit_open once its breaker opened."""
+    """The error types the faulty source had: its own (the first request's, always), and circuit_open once its
+    breaker opened."""
     kinds = {body["results"]["bad"]["error"]["type"] for _, body, _ in mixed}
-    assert kind in kinds, kinds
+    assert mixed[0][1]["results"]["bad"]["error"]["type"] == kind, mixed[0][1]
     assert kinds <= {kind, "circuit_open"}, kinds
     return kinds
 
@@ -122,11 +126,8 @@ async def test_upstream_that_hangs(gateway: GatewayProcess, upstream: UpstreamSe
     upstream.reset_stats()
     mixed, probes = await during_fault(gateway, "hanging")
     errors_of(mixed, "timeout")
-    assert all(
-        body["results"]["bad"]["attempts"] == 2
-        for _, body, _ in mixed
-        if body["results"]["bad"]["error"]["type"] == "timeout"
-    )
+    # Two attempts when alone; later ones may get fewer (the retry budget) or meet the open breaker.
+    assert mixed[0][1]["results"]["bad"]["attempts"] == 2
     assert max(elapsed for _, _, elapsed in mixed) < 1.5
     assert max(probes) < 100
     await upstream.await_disconnects(upstream.count("/hanging/x"))
