@@ -1,8 +1,8 @@
 """Limits on the request head, checked before anything else reads it: header count and size, URL length, number
 of query parameters. Each is answered with its own problem type, and the connection is closed after it.
 
-uvicorn's httptools parser has no configurable header limits (its own hard limit is far larger), so they are
-enforced here on the parsed head.
+The HTTP protocol (app/security/protocol.py) already bounded the head's total size and time while it arrived;
+these are the finer limits, on the parsed head.
 """
 
 from __future__ import annotations
