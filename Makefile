@@ -8,7 +8,7 @@ UV     := $(or $(shell command -v uv 2>/dev/null),$(TOOLS)/bin/uv)
 export VIRTUAL_ENV := $(abspath $(VENV))
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck pytest lock ensure-postgres clean validate-deploy deploy-tools deploy-sync
+.PHONY: install demo test lint typecheck pytest lock ensure-postgres ensure-redis clean validate-deploy deploy-tools deploy-sync
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -27,7 +27,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/gateway demo
 
-test: install ensure-postgres lint typecheck validate-deploy pytest
+test: install ensure-postgres ensure-redis lint typecheck validate-deploy pytest
 
 lint: install
 	$(BIN)/ruff check app tests bench scripts
@@ -52,6 +52,9 @@ deploy-tools:
 # Regenerate the Kubernetes copies of the alert rules and the dashboard after editing deploy/prometheus or deploy/grafana.
 deploy-sync: install
 	$(BIN)/python -m scripts.deploy_sync
+
+ensure-redis:
+	@scripts/ensure-redis.sh
 
 # Re-pin after editing pyproject.toml. Hashes only: no index URL or download address is recorded.
 lock: | $(UV)

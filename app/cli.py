@@ -1,8 +1,9 @@
-"""The ``gateway`` command: serve, demo, check-config."""
+"""The ``gateway`` command: serve, demo, check-config, hash-key."""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -30,6 +31,16 @@ def _parser() -> argparse.ArgumentParser:
     doctor.add_argument("--config", type=Path, help="TOML config file (GATEWAY_* variables override it)")
     doctor.add_argument("--replicas", type=int, default=1, help="gateway replicas sharing the database")
     doctor.add_argument("--shm-path", type=Path, default=Path("/dev/shm"), help="shared-memory mount to check")
+
+    hash_key = sub.add_parser(
+        "hash-key",
+        help="print the hash of an API key read from standard input (never from the command line)",
+        description="Reads one key from standard input and prints the sha256:<hex> form to put in [[auth.keys]] "
+        "hash. The key is never an argument, so it stays out of shell history and the process list.",
+    )
+    hash_key.add_argument(
+        "--generate", action="store_true", help="generate a new random key, print it and its hash (stdin unused)"
+    )
     return parser
 
 
@@ -41,6 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(_serve(args.config, args.host, args.port))
     if args.command == "doctor":
         sys.exit(_doctor(args.config, args.replicas, args.shm_path))
+    if args.command == "hash-key":
+        sys.exit(_hash_key(generate=args.generate))
     if args.command == "demo":
         from app.demo.runner import run_demo
 
@@ -48,10 +61,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(path: Path) -> int:
+    from app.security.guard import startup_problems
     from app.settings import load_settings
 
     try:
         settings = load_settings(path)
+        problems = startup_problems(settings)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
         print(f"{path}: invalid", file=sys.stderr)
         for problem in exc.problems:
@@ -76,12 +93,49 @@ def _doctor(config: Path | None, replicas: int, shm_path: Path) -> int:
     return run_doctor(settings, replicas=replicas, shm_path=shm_path)
 
 
+def _hash_key(*, generate: bool) -> int:
+    import getpass
+    import secrets
+
+    from app.security.keys import MIN_KEY_CHARS, hash_key
+
+    if generate:
+        key = secrets.token_urlsafe(32)
+        print(f"key:  {key}\nhash: {hash_key(key)}")
+        return 0
+    key = getpass.getpass("API key: ") if sys.stdin.isatty() else sys.stdin.readline()
+    key = key.strip()
+    if len(key) < MIN_KEY_CHARS or not key.isascii() or not key.isprintable() or " " in key:
+        # The hash is fast on purpose (see app/security/keys.py): that is only safe for long random keys.
+        print(
+            f"refused: an API key must be a random token of at least {MIN_KEY_CHARS} printable ASCII characters "
+            "without spaces (gateway hash-key --generate makes one)",
+            file=sys.stderr,
+        )
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def _raise_fd_limit() -> None:
+    # Every connection is a file descriptor; a soft limit of 1024 (the default of many systems) would refuse
+    # connections long before the gateway is busy. Raise it to the hard limit the operator allows.
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1_048_576
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):  # keep the soft limit: it works, with fewer connections
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def _serve(config: Path | None, host: str | None, port: int | None) -> int:
     # First, before the heavy imports: as PID 1 a SIGTERM that finds no handler is dropped, not acted on.
     from app.lifecycle.signals import EarlySignals
 
     early = EarlySignals().install()
 
+    from app.lifecycle.heap import freeze_startup_heap
     from app.lifecycle.server import serve
     from app.observability.logging import configure_logging
     from app.settings import ServerSettings, load_settings
@@ -102,4 +156,5 @@ def _serve(config: Path | None, host: str | None, port: int | None) -> int:
     configure_logging(
         settings.server.log_level, settings.server.log_format, access_log=settings.observability.access_log
     )
-    return serve(settings, early=early)
+    _raise_fd_limit()
+    return serve(settings, early=early, on_ready=lambda _: freeze_startup_heap())

@@ -4,26 +4,36 @@ GatewayError
 ├── ConfigError                 the configuration is invalid; start-up refuses (one message per problem)
 ├── ResourceClosedError         a resource was used after aclose()
 ├── StartupError                a resource could not be opened (the database is unreachable, ...)
+├── RateLimitBackendError       the shared rate-limit backend did not answer; [rate_limit] failure_mode decides
 ├── ProblemError                answered to the client as an RFC 9457 problem (app/problems.py)
 │   ├── BadRequestError         400: the request is malformed or names things that do not exist
 │   │   ├── MalformedInputError    400: the body is not the JSON or .npy it claims to be, or is cut short
+│   │   ├── JsonTooDeepError       400: the body nests deeper than limits.max_json_depth
+│   │   ├── TooManyQueryParamsError  400: more query parameters than limits.max_query_params
 │   │   └── ValidationFailedError  422: the request is well-formed but its values are wrong
+│   │       ├── TooManySourcesError    more sources than limits.max_sources
 │   │       ├── InvalidParamsError     the transform's params do not validate
 │   │       ├── NonNumericDataError    data holds strings, booleans, null or objects
 │   │       ├── RaggedDataError        nested lists of unequal lengths or depths
 │   │       ├── UnsupportedDtypeError  an element type the transform does not accept
 │   │       ├── UnsupportedRankError   a number of dimensions the transform does not accept
-│   │       ├── TooManyElementsError   more elements than the transform or the gateway allows
+│   │       ├── TooManyElementsError   more elements than the transform or compute.max_elements allows
 │   │       ├── NonFiniteDataError     NaN or infinity where the transform forbids them
 │   │       └── InvalidInputError      values the transform refuses (out of range, empty, ...)
+│   ├── UnauthorizedError       401 + WWW-Authenticate: no valid API key
+│   ├── ForbiddenError          403: the key lacks the scope, or a source is outside its allowlist
 │   ├── NotFoundError           404
 │   ├── NotAcceptableError      406: no answer format the client accepts
-│   ├── RequestTimeoutError     408: the body did not arrive within its time limit
-│   ├── PayloadTooLargeError    413
+│   ├── RequestTimeoutError     408: the request head or body did not arrive within its time limit
+│   ├── PayloadTooLargeError    413: the body is larger than its cap
+│   ├── UriTooLongError         414: path and query longer than limits.max_url_bytes
 │   ├── UnsupportedMediaTypeError  415
+│   ├── RateLimitedError        429 + Retry-After: the key's token bucket is empty
+│   ├── HeadersTooLargeError    431: header names and values larger than limits.max_header_bytes
+│   │   └── TooManyHeadersError      431: more header fields than limits.max_headers
 │   ├── ClientDisconnectedError 499: the client went away; its work was cancelled (nobody reads the answer)
 │   ├── TransformFailedError    500: a transform raised or returned something unusable (a bug in it)
-│   ├── OverloadedError         503 + Retry-After: a bounded queue is full; the work was never started
+│   ├── OverloadedError         503 + Retry-After: a bounded queue or the in-flight limit is full; nothing started
 │   │   └── WorkerUnavailableError  no worker became free within queue_timeout_s
 │   ├── WorkerCrashedError      503 + Retry-After: the worker process died while running the job
 │   ├── ShuttingDownError       503 + Retry-After: the drain timeout passed (or a second signal came) mid-request
@@ -66,6 +76,10 @@ class StartupError(GatewayError):
     pass
 
 
+class RateLimitBackendError(GatewayError):
+    pass
+
+
 class ProblemError(GatewayError):
     status: int = 500
     type: str = "internal"
@@ -92,6 +106,36 @@ class ValidationFailedError(BadRequestError):
     title = "Request validation failed"
 
 
+class TooManySourcesError(ValidationFailedError):
+    type = "too-many-sources"
+    title = "Too many sources"
+
+
+class JsonTooDeepError(BadRequestError):
+    type = "json-too-deep"
+    title = "JSON nested too deeply"
+
+
+class TooManyQueryParamsError(BadRequestError):
+    type = "too-many-query-params"
+    title = "Too many query parameters"
+
+
+class UnauthorizedError(ProblemError):
+    status = 401
+    type = "unauthorized"
+    title = "Unauthorized"
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="gateway"'}
+
+
+class ForbiddenError(ProblemError):
+    status = 403
+    type = "forbidden"
+    title = "Forbidden"
+
+
 class NotFoundError(ProblemError):
     status = 404
     type = "not-found"
@@ -108,6 +152,36 @@ class PayloadTooLargeError(ProblemError):
     status = 413
     type = "payload-too-large"
     title = "Payload too large"
+
+
+class UriTooLongError(ProblemError):
+    status = 414
+    type = "uri-too-long"
+    title = "URI too long"
+
+
+class RateLimitedError(ProblemError):
+    status = 429
+    type = "rate-limited"
+    title = "Too many requests"
+
+    def __init__(self, detail: str, *, retry_after_s: int) -> None:
+        super().__init__(detail)
+        self.retry_after_s = retry_after_s
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": str(self.retry_after_s)}
+
+
+class HeadersTooLargeError(ProblemError):
+    status = 431
+    type = "headers-too-large"
+    title = "Request header fields too large"
+
+
+class TooManyHeadersError(HeadersTooLargeError):
+    type = "too-many-headers"
+    title = "Too many request header fields"
 
 
 class ClientDisconnectedError(ProblemError):

@@ -32,6 +32,15 @@ def problem(
     return ProblemResponse(body, status_code=status, headers=headers)
 
 
+def response_for(err: ProblemError, *, close: bool = False) -> ProblemResponse:
+    """The problem response for one of the gateway's own errors; ``close`` ends the connection after it (for a
+    client whose unread body or oversized head the server should not try to resynchronise with)."""
+    headers = err.headers()
+    if close:
+        headers = {**headers, "Connection": "close"}
+    return problem(err.status, err.type, err.title, err.detail, errors=err.errors, headers=headers)
+
+
 def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     out = []
     for err in exc.errors():
@@ -40,14 +49,9 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
-def problem_for(exc: ProblemError) -> ProblemResponse:
-    """The response for a ProblemError; also used where no exception handler runs (pure ASGI middleware)."""
-    return problem(exc.status, exc.type, exc.title, exc.detail, errors=exc.errors, headers=exc.headers())
-
-
 async def _problem_error(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, ProblemError)
-    return problem_for(exc)
+    return response_for(exc)
 
 
 async def _request_validation(request: Request, exc: Exception) -> ProblemResponse:
@@ -60,7 +64,9 @@ async def _request_validation(request: Request, exc: Exception) -> ProblemRespon
 
 async def _http_exception(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, StarletteHTTPException)
-    slug = {404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(exc.status_code, "http")
+    slug = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
+        exc.status_code, "http"
+    )
     return problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {}))
 
 

@@ -21,7 +21,13 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_settings import BaseSettings, EnvSettingsSource, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+)
 
 from app.errors import ConfigError
 from app.sizing import default_cpu_workers, default_io_threads
@@ -177,6 +183,20 @@ class LimitSettings(_Section):
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     default_deadline_ms: PositiveMs = 1_000.0
     max_deadline_ms: PositiveMs = 10_000.0
+    # Everything else a client controls is bounded too, each limit answered with its own problem type.
+    max_headers: int = Field(100, ge=8, le=10_000, description="Request header fields, at most (431).")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024, description="Names and values (431).")
+    max_url_bytes: int = Field(8 * 1024, ge=256, le=1024 * 1024, description="Path plus query string (414).")
+    max_query_params: int = Field(64, ge=1, le=10_000, description="Query-string parameters (400).")
+    # orjson refuses to encode past 255 levels; an aggregate wraps a client's JSON in a few levels of its own.
+    max_json_depth: int = Field(32, ge=2, le=200, description="Nesting of a JSON request body (400).")
+    request_head_timeout_s: float = Field(10.0, gt=0, le=600, description="To receive a whole head (408).")
+    # Connections the kernel holds for the gateway to accept. The event loop accepts a whole queue in one turn, so a
+    # long queue is a long stall in a burst (on 2 cores, a queue of 1,024 stalled it for up to 300 ms; of 128, for
+    # well under 100 ms); past it the kernel has clients retry their SYN a second later.
+    listen_backlog: int = Field(128, ge=16, le=65535, description="Pending connections, at most.")
+    max_in_flight_requests: int = Field(512, ge=1, le=1_000_000, description="Beyond it: 503 at once.")
+    shed_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a shed request.")
 
 
 class HttpClientSettings(_Section):
@@ -219,6 +239,88 @@ class ComputeSettings(_Section):
     load_plugins: bool = Field(True, description="Load transforms from the 'gateway.transforms' entry-point group.")
 
 
+Scope = Literal["aggregate", "transform", "metrics"]
+_KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
+_ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
+
+
+class KeyRate(_Section):
+    rate_per_s: float = Field(gt=0, le=1_000_000)
+    burst: int = Field(ge=1, le=10_000_000)
+
+
+class ApiKeyConfig(_Section):
+    """One API key: only its hash is configured (`gateway hash-key` prints it)."""
+
+    name: Name
+    hash: str = Field(description="sha256:<64 hex digits> of the key.")
+    scopes: list[Scope] = Field(min_length=1)
+    # None: no restriction; a list (possibly empty) allows exactly those names.
+    upstreams: list[Name] | None = None
+    queries: list[Name] | None = None
+    composites: list[Name] | None = None
+    rate: KeyRate | None = Field(None, description="This key's own token bucket; default: [rate_limit].")
+
+    @field_validator("hash")
+    @classmethod
+    def _sha256_hex(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not _KEY_HASH.match(value):
+            raise ValueError("must be 'sha256:' and 64 hex digits, as printed by `gateway hash-key`")
+        return value
+
+
+class AuthSettings(_Section):
+    # On unless switched off in so many words: a gateway on the boundary must not start open by accident.
+    enabled: bool = Field(True, description="false only explicitly: every client may then call every route.")
+    keys: list[ApiKeyConfig] = Field(default_factory=list, max_length=10_000)
+
+    @model_validator(mode="after")
+    def _unique(self) -> AuthSettings:
+        names = [k.name for k in self.keys]
+        if len(names) != len(set(names)):
+            raise ValueError("key names must be unique")
+        hashes = [k.hash for k in self.keys]
+        if len(hashes) != len(set(hashes)):
+            raise ValueError("two keys have the same hash")
+        return self
+
+
+class RateLimitSettings(_Section):
+    enabled: bool = True
+    rate_per_s: float = Field(50.0, gt=0, le=1_000_000, description="Tokens added per second, per key.")
+    burst: int = Field(100, ge=1, le=10_000_000, description="Bucket size: requests allowed at once.")
+    backend: Literal["memory", "redis"] = Field("memory", description="redis: one limit shared by all replicas.")
+    redis_url: SecretStr | None = Field(None, description="redis://host:6379/0 (GATEWAY_RATE_LIMIT__REDIS_URL).")
+    redis_prefix: str = Field("gateway:ratelimit:", min_length=1, max_length=128)
+    redis_timeout_ms: PositiveMs = Field(100.0, description="Per command; past it the failure mode applies.")
+    failure_mode: Literal["allow", "deny"] = Field(
+        "allow", description="When the shared backend fails: let requests through, or answer 503."
+    )
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> RateLimitSettings:
+        if self.backend == "redis" and self.redis_url is None:
+            raise ValueError("backend 'redis' needs redis_url (or GATEWAY_RATE_LIMIT__REDIS_URL)")
+        return self
+
+
+class CorsSettings(_Section):
+    """Off unless origins are listed; a JSON API called by servers needs none."""
+
+    allow_origins: list[str] = Field(default_factory=list, description="Exact origins; '*' is refused.")
+    allow_credentials: bool = False
+    max_age_s: int = Field(600, ge=0, le=86_400)
+
+    @field_validator("allow_origins")
+    @classmethod
+    def _explicit_origins(cls, value: list[str]) -> list[str]:
+        bad = [o for o in value if not _ORIGIN.match(o)]
+        if bad:
+            raise ValueError(f"origins must be scheme://host[:port] with no path, and never '*': {', '.join(bad)}")
+        return value
+
+
 class TracingSettings(_Section):
     enabled: bool = Field(False, description="OpenTelemetry spans (needs the `otel` extra).")
     otlp_endpoint: str | None = Field(
@@ -255,6 +357,9 @@ class Settings(BaseSettings):
     compute: ComputeSettings = ComputeSettings()
     observability: ObservabilitySettings = ObservabilitySettings()
     diagnostics: DiagnosticsSettings = DiagnosticsSettings()
+    auth: AuthSettings = AuthSettings()
+    rate_limit: RateLimitSettings = RateLimitSettings()
+    cors: CorsSettings = CorsSettings()
     upstreams: dict[Name, UpstreamConfig] = Field(default_factory=dict)
     queries: dict[Name, QueryConfig] = Field(default_factory=dict)
     composites: dict[Name, CompositeConfig] = Field(default_factory=dict)
@@ -305,6 +410,23 @@ class Settings(BaseSettings):
             raise ValueError("; ".join(problems))
         return self
 
+    @model_validator(mode="after")
+    def _key_allowlists_resolve(self) -> Settings:
+        # A misspelt name in an allowlist would lock a client out silently: refuse it at start-up instead.
+        problems = []
+        for key in self.auth.keys:
+            for kind, known in (
+                ("upstreams", self.upstreams),
+                ("queries", self.queries),
+                ("composites", self.composites),
+            ):
+                unknown = sorted(set(getattr(key, kind) or ()) - set(known))
+                if unknown:
+                    problems.append(f"auth key '{key.name}': unknown {kind}: {', '.join(unknown)}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
     @property
     def db_pool_size(self) -> int:
         # One connection per executor thread: psycopg2's pool never waits, so this makes PoolError impossible.
@@ -341,8 +463,14 @@ def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings
             raise ConfigError([f"{path}: cannot read: {exc.strerror}"]) from exc
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError([f"{path}: not valid TOML: {exc}"]) from exc
+        except UnicodeDecodeError as exc:
+            raise ConfigError([f"{path}: not UTF-8 text (byte {exc.start})"]) from exc
     if environ:
-        env = EnvSettingsSource(Settings, env_prefix="GATEWAY_", env_nested_delimiter="__", case_sensitive=False)()
+        try:
+            env = EnvSettingsSource(Settings, env_prefix="GATEWAY_", env_nested_delimiter="__", case_sensitive=False)()
+        except SettingsError as exc:
+            # A variable holding a list or table must be JSON; the message names the field, never the value.
+            raise ConfigError([f"environment: {exc} (a list or table must be JSON)"]) from exc
         data = _deep_merge(data, env)
     try:
         return Settings(**data)

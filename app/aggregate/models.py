@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypedDict
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+
+# pydantic reads these for the OpenAPI document, and on Python 3.11 only typing_extensions' TypedDict carries what
+# it needs.
+from typing_extensions import TypedDict
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
 Scalar = Annotated[str, Field(max_length=4096)] | int | float | bool
@@ -56,7 +60,21 @@ SourceSpec = Annotated[
 
 
 class AggregateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "sources": {
+                        "profile": {"upstream": "users", "path": "/users/7"},
+                        "stock": {"upstream": "inventory", "path": "/stock", "params": {"sku": "A1"}},
+                        "orders": {"query": "recent_orders", "params": {"user_id": 7, "limit": 3}},
+                    },
+                    "deadline_ms": 800,
+                }
+            ]
+        },
+    )
 
     sources: dict[Name, SourceSpec] = Field(min_length=1)
     deadline_ms: float | None = Field(None, gt=0, le=3_600_000)
@@ -74,3 +92,18 @@ class SourceResult(TypedDict):
     error: SourceErrorBody | None
     elapsed_ms: float
     attempts: int
+
+
+class AggregateResponse(BaseModel):
+    """The answer to POST /aggregate and to a grouped composite."""
+
+    complete: bool = Field(description="Every source succeeded.")
+    results: dict[str, SourceResult]
+
+
+class FlatAggregateResponse(BaseModel):
+    """The answer to a composite with merge = "flat": merged data, per-source outcomes without their data."""
+
+    complete: bool
+    data: dict[str, Any]
+    results: dict[str, dict[str, Any]]

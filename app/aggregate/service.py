@@ -26,6 +26,7 @@ from app.errors import (
     ProblemError,
     ResourceClosedError,
     SourceError,
+    TooManySourcesError,
     ValidationFailedError,
 )
 from app.observability.tracing import Tracing, record_outcome
@@ -90,10 +91,11 @@ def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, probl
 
 def plan_request(settings: Settings, request: AggregateRequest) -> dict[str, Plan]:
     """Resolve every source against the config. Raises ValidationFailedError naming each problem."""
+    limit = settings.limits.max_sources
+    if len(request.sources) > limit:
+        msg = f"at most {limit} sources per request"
+        raise TooManySourcesError(msg, errors=[{"loc": "sources", "msg": msg, "type": "too_many_sources"}])
     problems = _Problems()
-    if len(request.sources) > settings.limits.max_sources:
-        problems.add("sources", f"at most {settings.limits.max_sources} sources per request", "too_many_sources")
-        problems.raise_if_any("aggregate request")
     plans: dict[str, Plan] = {}
     for name, spec in request.sources.items():
         loc = f"sources.{name}"

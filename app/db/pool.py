@@ -190,10 +190,11 @@ class Database:
                     # After a server restart every idle pooled connection is dead too: drop them all.
                     self._purge_idle()
                     continue
-                raise DatabaseUnavailableError(f"database connection failed: {_one_line(exc)}") from exc
+                log.warning("database connection failed: %s", _one_line(exc))
+                raise DatabaseUnavailableError("database connection failed") from exc
             except psycopg2.Error as exc:
                 discard = _rollback(conn) is False
-                raise DatabaseError(f"query failed: {_one_line(exc)}") from exc
+                raise DatabaseError(f"query failed: {_server_message(exc)}") from exc
             finally:
                 # Detach under the lock first: a late cancel must never hit the next query on this connection.
                 with job.lock:
@@ -221,7 +222,9 @@ class Database:
         except psycopg2.pool.PoolError as exc:
             raise DatabaseUnavailableError(f"connection pool: {exc}") from exc
         except psycopg2.OperationalError as exc:
-            raise DatabaseUnavailableError(f"cannot connect: {_one_line(exc)}") from exc
+            # The driver's text names the server's host and port: the log gets it, the client does not.
+            log.warning("cannot connect to the database: %s", _one_line(exc))
+            raise DatabaseUnavailableError("cannot connect to the database") from exc
         return conn
 
     def _putconn(self, conn: psycopg2.extensions.connection, *, close: bool) -> None:
@@ -305,3 +308,11 @@ def _connection_lost(conn: psycopg2.extensions.connection) -> bool:
 
 def _one_line(exc: BaseException) -> str:
     return " ".join(str(exc).split())
+
+
+def _server_message(exc: psycopg2.Error) -> str:
+    # The server's own primary message and SQLSTATE: what went wrong, without the driver's connection details.
+    primary = exc.diag.message_primary if exc.diag is not None else None
+    if primary:
+        return f"{primary} (SQLSTATE {exc.pgcode})" if exc.pgcode else primary
+    return type(exc).__name__

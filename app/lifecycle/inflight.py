@@ -13,7 +13,7 @@ import asyncio
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import ShuttingDownError
-from app.problems import problem_for
+from app.problems import response_for
 
 
 class InFlight:
@@ -85,5 +85,5 @@ class InFlightMiddleware:
             in_flight.cancelled += 1
             if not response_started:
                 detail = "the gateway is shutting down and could not finish this request in time; retry it"
-                await problem_for(ShuttingDownError(detail))(scope, receive, send)
+                await response_for(ShuttingDownError(detail))(scope, receive, send)
             # A response already under way cannot be replaced: uvicorn closes the connection after it.

@@ -3,6 +3,8 @@
 Order and why:
   1. metrics          everything after it reports into the registry
   1b. tracing        OpenTelemetry provider, when configured (closed late: flushes the last spans)
+  1c. guard          API keys and the rate limiter (a Redis connection pool when shared); refuses to start
+                     when authentication is on without keys
   2. http             the shared aiohttp session
   3. upstreams        limits, breakers and retry budgets per upstream (and a thread for decoding large bodies)
   4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
@@ -34,6 +36,8 @@ from app.observability.blocking import BlockingDetector
 from app.observability.looplag import LoopLagSampler
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
+from app.security.admission import SHED_REASON
+from app.security.guard import Guard
 from app.settings import Settings
 from app.state import GatewayState
 from app.upstream.client import UpstreamClient
@@ -61,7 +65,7 @@ class _NoStart:
 
 
 def expected_resources(settings: Settings) -> list[str]:
-    names = ["metrics", "tracing", "http", "upstreams"]
+    names = ["metrics", "tracing", "guard", "http", "upstreams"]
     if settings.database_url is not None:
         names.append("database")
     if settings.compute.enabled:
@@ -101,9 +105,13 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
         sampler = LoopLagSampler(metrics.loop_lag, interval_s=obs.loop_lag_interval_ms / 1000)
         async with AsyncExitStack() as stack:
             await _open(stack, readiness, "metrics", _NoStart(_noop))
+            if getattr(app.state, "admission", None) is not None:
+                app.state.admission.observe(metrics.shed.labels(SHED_REASON).inc)
             metrics.register_state(state, sampler.worst_recent_s)
             state.tracing = Tracing(obs.tracing, provider=app.state.tracer_provider)
             await _open(stack, readiness, "tracing", state.tracing)
+            state.guard = Guard(settings, observer=metrics.security)
+            await _open(stack, readiness, "guard", state.guard)
 
             state.http = HttpSession(settings.http)
             await _open(stack, readiness, "http", state.http)

@@ -32,6 +32,7 @@ from app.lifecycle.inflight import InFlight, InFlightMiddleware
 from app.lifecycle.listener import ListeningSocket
 from app.lifecycle.signals import EarlySignals
 from app.main import create_app
+from app.security.protocol import gateway_protocol
 from app.settings import Settings
 from app.state import GatewayState
 
@@ -150,7 +151,9 @@ def build_server(
         host=settings.server.host,
         port=settings.server.port,
         loop="uvloop",
-        http="httptools",
+        # httptools, with the request head bounded and admission decided before the app (app/security/protocol.py).
+        http=gateway_protocol(settings.limits, app.state.admission),
+        backlog=settings.limits.listen_backlog,
         lifespan="on",
         log_config=None,
         access_log=False,

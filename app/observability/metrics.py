@@ -82,6 +82,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.upstream = UpstreamMetrics(r)
+        self.security = SecurityMetrics(r)
 
         # Known label values start at 0, so rate() and dashboards see a series before the first event.
         for reason in ("in_flight", "cpu_queue", "draining"):
@@ -187,6 +188,30 @@ class UpstreamMetrics:
 
     def breaker_transition(self, upstream: str, to: BreakerState) -> None:
         self._transitions.labels(upstream, to.name.lower()).inc()
+
+
+class SecurityMetrics:
+    """SecurityObserver for app.security.guard.Guard; ``key`` labels are key names from the config."""
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self._auth_failures = Counter(
+            "gateway_auth_failures", "Requests refused by authentication or scope.", ["reason"], registry=r
+        )
+        self._rate_limited = Counter(
+            "gateway_rate_limited", "Requests refused with 429 by a key's rate limit.", ["key"], registry=r
+        )
+        self._backend_errors = Counter(
+            "gateway_rate_limit_backend_errors", "Shared rate-limit backend failures.", registry=r
+        )
+
+    def auth_failed(self, reason: str) -> None:
+        self._auth_failures.labels(reason).inc()
+
+    def rate_limited(self, key: str) -> None:
+        self._rate_limited.labels(key).inc()
+
+    def backend_error(self) -> None:
+        self._backend_errors.inc()
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Mapping
-from typing import TypeVar
+from typing import Annotated, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 
-from app.aggregate.models import AggregateRequest, SourceResult
+from app.aggregate.models import AggregateRequest, AggregateResponse, FlatAggregateResponse, SourceResult
 from app.aggregate.service import Aggregator, Plan, effective_deadline_s, merge_flat, plan_composite, plan_request
 from app.errors import ClientDisconnectedError, ValidationFailedError
 from app.middleware.request_id import request_id_of
 from app.observability.http import add_log_fields
 from app.responses import JSONResponse
+from app.security.policy import authorize_composite, authorize_sources, principal_of
 from app.state import GatewayState, get_state
 
 router = APIRouter(tags=["aggregate"])
@@ -21,10 +22,15 @@ router = APIRouter(tags=["aggregate"])
 T = TypeVar("T")
 
 
-@router.post("/aggregate")
+@router.post(
+    "/aggregate",
+    response_model=None,
+    responses={200: {"model": AggregateResponse, "description": "One result per source, whatever its outcome"}},
+)
 async def aggregate(body: AggregateRequest, request: Request) -> JSONResponse:
     """Run the sources named in the body. 200 for a valid request, whatever each source's outcome."""
     state = get_state(request)
+    authorize_sources(principal_of(request.scope), body)
     plans = plan_request(state.settings, body)
     deadline_s = effective_deadline_s(state.settings, body.deadline_ms)
     results = await _run(state, request, plans, deadline_s, flat=False)
@@ -32,11 +38,26 @@ async def aggregate(body: AggregateRequest, request: Request) -> JSONResponse:
     return _respond({"complete": complete, "results": results}, complete, 200)
 
 
-@router.get("/aggregate/{composite}")
-async def aggregate_composite(composite: str, request: Request) -> JSONResponse:
+_COMPOSITE_ANSWER = {"model": AggregateResponse | FlatAggregateResponse}
+
+
+@router.get(
+    "/aggregate/{composite}",
+    response_model=None,
+    responses={
+        200: {**_COMPOSITE_ANSWER, "description": "One result per source (grouped), or merged data (flat)"},
+        502: {**_COMPOSITE_ANSWER, "description": "A source marked required failed; the same body as 200"},
+        404: {"description": "No such composite"},
+    },
+)
+async def aggregate_composite(
+    composite: Annotated[str, Path(description="A composite declared in the config", examples=["user_overview"])],
+    request: Request,
+) -> JSONResponse:
     """Run a composite declared in the config, its templates filled from the query string. 502 when a source
     marked `required` failed."""
     state = get_state(request)
+    authorize_composite(principal_of(request.scope), composite)
     query = dict(request.query_params)
     if len(query) != len(request.query_params.multi_items()):
         raise ValidationFailedError("each query parameter may be given once")

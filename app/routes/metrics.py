@@ -10,7 +10,19 @@ from app.state import get_state
 router = APIRouter(tags=["observability"])
 
 
-@router.get("/metrics")
+_EXPOSITION = {"schema": {"type": "string"}}
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "Prometheus text, or OpenMetrics when asked for",
+            "content": {"text/plain": _EXPOSITION, "application/openmetrics-text": _EXPOSITION},
+        }
+    },
+)
 async def metrics(request: Request) -> Response:
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(encoder(get_state(request).metrics.registry), media_type=content_type)

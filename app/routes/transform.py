@@ -9,9 +9,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable
-from typing import TypeVar
+from typing import Annotated, Any, TypeVar
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Path, Request
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
@@ -72,7 +72,8 @@ _REQUEST_BODY = {
                     "data": {"description": "A number, or a rectangular nested list of numbers."},
                     "params": {"type": "object", "description": "The transform's parameters (GET /transform)."},
                 },
-            }
+            },
+            "example": {"data": [0.5, 1.0, 2.0], "params": {}},
         },
         "application/x-npy": {
             "schema": {"type": "string", "format": "binary", "description": "NumPy .npy; params in the query."}
@@ -81,8 +82,31 @@ _REQUEST_BODY = {
 }
 
 
-@router.post("/transform/{name}", openapi_extra={"requestBody": _REQUEST_BODY})
-async def transform(name: str, request: Request) -> Response:
+# Every status this route answers besides the ones any route may (app/openapi.py adds those, and the problem body).
+_TRANSFORM_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": 'The result: JSON {"result": ...}, or a .npy file',
+        "content": {"application/json": {"schema": {"type": "object"}}, "application/x-npy": {}},
+    },
+    404: {"description": "No such transform"},
+    406: {"description": "No answer format the client accepts"},
+    408: {"description": "The body did not arrive within compute.body_timeout_s"},
+    415: {"description": "Neither application/json nor application/x-npy"},
+    422: {"description": "Data or params the transform does not accept"},
+    504: {"description": "The job overran compute.job_timeout_s; its worker was replaced"},
+}
+
+
+@router.post(
+    "/transform/{name}",
+    response_model=None,
+    responses=_TRANSFORM_RESPONSES,
+    openapi_extra={"requestBody": _REQUEST_BODY},
+)
+async def transform(
+    name: Annotated[str, Path(description="A transform listed by GET /transform.", examples=["trig_log", "stats"])],
+    request: Request,
+) -> Response:
     state = get_state(request)
     pool, settings = state.require_cpu(), state.settings.compute
     spec = pool.registry.get(name)

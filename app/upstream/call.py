@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -17,8 +18,12 @@ from app.errors import (
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
+from app.security.jsondepth import exceeds_depth
 
 _READ_CHUNK = 64 * 1024
+# An upstream's JSON is embedded a few levels deep in the answer, and orjson refuses to encode past 255 levels:
+# deeper bodies are a bad response, not a failed answer.
+MAX_JSON_DEPTH = 200
 
 
 @dataclass(frozen=True)
@@ -71,12 +76,28 @@ async def call_once(
     except aiohttp.ClientPayloadError as exc:
         raise BadResponseError(f"{upstream} sent a broken body: {exc}") from exc
     except (aiohttp.ClientConnectionError, OSError) as exc:
-        raise UpstreamConnectError(f"{upstream}: {type(exc).__name__}: {exc}".rstrip(": ")) from exc
+        raise UpstreamConnectError(f"{upstream}: {_connect_reason(exc)}") from exc
     if status >= 500 or status == 429:
         err = UpstreamStatusError(f"{upstream} answered {status}", status=status)
         err.retry_after = reply_headers.get("retry-after")
         raise err
     return Reply(status=status, body=raw, headers=reply_headers)
+
+
+def _connect_reason(exc: BaseException) -> str:
+    """Why a connection failed, in words that name no host, address or port: clients see this message, and the
+    upstream's address is the operator's business."""
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return "name resolution failed"
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError | aiohttp.ClientSSLError):
+        return "TLS handshake failed"
+    if isinstance(exc, aiohttp.ServerDisconnectedError):
+        return "the server closed the connection"
+    os_error = getattr(exc, "os_error", exc)
+    # From the errno alone: the event loop's own message ("Connect call failed ('10.0.0.5', 80)") names the peer.
+    if isinstance(os_error, OSError) and os_error.errno:
+        return os.strerror(os_error.errno).lower()
+    return type(exc).__name__
 
 
 async def _read_capped(resp: aiohttp.ClientResponse, upstream: str, max_bytes: int) -> bytes:
@@ -105,6 +126,8 @@ def decode_body(raw: bytes, headers: Mapping[str, str], upstream: str) -> Any:
             return raw.decode()
         except UnicodeDecodeError as exc:
             raise BadResponseError(f"{upstream} sent a non-text body of type {ctype or 'unknown'}") from exc
+    if exceeds_depth(raw, MAX_JSON_DEPTH):
+        raise BadResponseError(f"{upstream} sent JSON nested deeper than {MAX_JSON_DEPTH} levels")
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:

@@ -234,6 +234,9 @@ class UpstreamClient:
 def _is_upstream_fault(err: SourceError) -> bool:
     if isinstance(err, ResponseTooLargeError | BadResponseError):
         return True
+    # Every 5xx is the upstream failing, retried or not (a 500 is not worth a retry, but it is worth counting).
+    if isinstance(err, UpstreamStatusError) and err.status is not None and err.status >= 500:
+        return True
     return is_transient(err)
 
 

@@ -49,6 +49,8 @@ from tests.support.gateway import make_settings, running_gateway
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 DUMMY_DSN = "postgresql://gateway@db.invalid:5432/gateway"
+# What the Secret's api-keys entry holds: hashes only (this one is the hash of a throwaway test key).
+DUMMY_KEYS = '[{"name": "ops", "hash": "sha256:' + "ab" * 32 + '", "scopes": ["aggregate", "transform", "metrics"]}]'
 # Budget (docs/deploy.md), measured: the main process idles at about 85 MB RSS and a worker at about 35 MB.
 MAIN_PROCESS_BUDGET = 256 * MiB
 WORKER_BUDGET = 128 * MiB
@@ -75,7 +77,7 @@ def effective_settings(
     for name in list(os.environ):
         if name.upper().startswith("GATEWAY_"):
             monkeypatch.delenv(name)
-    for name, value in {"GATEWAY_DATABASE_URL": DUMMY_DSN, **env}.items():
+    for name, value in {"GATEWAY_DATABASE_URL": DUMMY_DSN, "GATEWAY_AUTH__KEYS": DUMMY_KEYS, **env}.items():
         monkeypatch.setenv(name, value)
     path = tmp_path / "gateway.toml"
     path.write_text(config_text)
@@ -198,12 +200,12 @@ def check_config(config_text: str, env: dict[str, str], tmp_path: Path) -> subpr
 
 
 def test_configmap_passes_gateway_check_config(k8s: Rendered, tmp_path: Path) -> None:
-    env = {"GATEWAY_DATABASE_URL": DUMMY_DSN, **k8s.env_literals()}
+    env = {"GATEWAY_DATABASE_URL": DUMMY_DSN, "GATEWAY_AUTH__KEYS": DUMMY_KEYS, **k8s.env_literals()}
     result = check_config(k8s.config_toml(), env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert ": ok (" in result.stdout
     # The same file without the Secret's database URL is refused: the Secret reference is what makes it valid.
-    without_db = check_config(k8s.config_toml(), k8s.env_literals(), tmp_path)
+    without_db = check_config(k8s.config_toml(), {"GATEWAY_AUTH__KEYS": DUMMY_KEYS, **k8s.env_literals()}, tmp_path)
     assert without_db.returncode == 2
     assert "GATEWAY_DATABASE_URL" in without_db.stderr
 

@@ -40,6 +40,7 @@ async def test_resources_open_in_order_and_close_in_reverse(pg_dsn: str, caplog:
     assert opened == [
         "metrics",
         "tracing",
+        "guard",
         "http",
         "upstreams",
         "database",
@@ -70,9 +71,9 @@ async def test_failed_start_closes_what_was_opened(caplog: pytest.LogCaptureFixt
         async with app.router.lifespan_context(app):
             pytest.fail("the lifespan must not start")
     events = lifecycle_events(caplog)
-    assert [n for e, n in events if e == "opened"] == ["metrics", "tracing", "http", "upstreams"]
+    assert [n for e, n in events if e == "opened"] == ["metrics", "tracing", "guard", "http", "upstreams"]
     # database failed in start(): its aclose() still ran, then the opened ones in reverse; the pool never started
-    assert [n for e, n in events if e == "closed"] == ["database", "upstreams", "http", "tracing", "metrics"]
+    assert [n for e, n in events if e == "closed"] == ["database", "upstreams", "http", "guard", "tracing", "metrics"]
     state = app.state.gateway
     assert state.http._session.closed
     assert state.cpu is None

@@ -28,6 +28,8 @@ def make_settings(**sections: Any) -> Settings:
         "server": {"host": "127.0.0.1", "port": 0, "drain_delay_s": 0, "drain_timeout_s": 5, "log_format": "text"},
         "database": {"executor_threads": 4, "queue_limit": 4, "min_connections": 1},
         "compute": {"enabled": False, "workers": 1},
+        # Off explicitly, as it must be: tests of authentication itself pass their own [auth].
+        "auth": {"enabled": False},
     }
     for key, value in sections.items():
         if isinstance(value, dict) and isinstance(data.get(key), dict):
@@ -103,10 +105,17 @@ def wait_http_ok(url: str, timeout: float = 30.0, proc: subprocess.Popen[bytes] 
 
 @contextlib.contextmanager
 def gateway_process(
-    config_path: Path, tmp_path: Path, *, env: dict[str, str] | None = None, args: list[str] | None = None
+    config_path: Path,
+    tmp_path: Path,
+    *,
+    env: dict[str, str] | None = None,
+    args: list[str] | None = None,
+    auth: bool = False,
 ) -> Iterator[GatewayProcess]:
-    """`gateway serve` as a real subprocess on a free port; waits for /readyz; SIGTERM (then SIGKILL) on exit."""
+    """`gateway serve` as a real subprocess on a free port; waits for /readyz; SIGTERM (then SIGKILL) on exit.
+    Authentication is switched off explicitly unless ``auth`` (then the config file's [auth] applies)."""
     port = free_port()
+    env = {**({} if auth else {"GATEWAY_AUTH__ENABLED": "false"}), **(env or {})}
     stderr_path = tmp_path / f"gateway-{port}.stderr"
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(

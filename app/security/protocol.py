@@ -1,0 +1,195 @@
+"""The HTTP protocol the gateway serves with: uvicorn's httptools protocol, plus what must happen before a request
+reaches the app: bounds on the request head while it is still arriving (its size and its time), and admission
+(app/security/admission.py).
+
+httptools keeps no limit of its own: it buffers a header of any length until its end arrives (50 MB were seen to
+be taken whole), and the ASGI app only ever sees complete heads. Nor does uvicorn time a head: a client that
+connects and sends nothing, or one byte a minute (slowloris), holds its connection for ever. So this protocol
+counts the bytes of each head as they arrive and answers 431 past the bound, and answers 408 to a head not
+complete within ``limits.request_head_timeout_s``; both close the connection. The finer limits (header count and
+size, URL, query parameters; app/middleware/request_limits.py) then apply to every head that fits.
+
+This subclasses uvicorn's httptools protocol and relies on its parser callbacks (on_message_begin,
+on_headers_complete) and data_received; tests/security/test_limits.py fails if a uvicorn upgrade changes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import itertools
+import secrets
+from typing import cast
+
+import orjson
+from starlette.types import ASGIApp, Scope
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from app.errors import HeadersTooLargeError, ProblemError, RequestTimeoutError
+from app.middleware.request_limits import head_problem
+from app.middleware.security_headers import HEADERS as SECURITY_HEADERS
+from app.problems import TYPE_PREFIX
+from app.security.admission import Admission
+from app.settings import LimitSettings
+
+# Request line, ": " and CRLF per header, the blank line: what a head costs beyond its names, values and URL.
+_HEAD_OVERHEAD = 1024
+LINGER_S = 1.0
+_REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
+
+
+LIVENESS_PATH = "/healthz"
+
+
+def _canned(status_line: bytes, body: bytes) -> tuple[bytes, bytes]:
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body)), *SECURITY_HEADERS]
+    return status_line + b"".join(b"%s: %s\r\n" % h for h in headers), body
+
+
+_LIVENESS = _canned(b"HTTP/1.1 200 OK\r\n", b'{"status":"ok"}')
+# Request ids of canned answers: a per-process random prefix and a counter, no system call per answer.
+_ID_PREFIX = secrets.token_hex(8).encode()
+_ids = itertools.count()
+
+
+def _nothing() -> None:
+    return None
+
+
+def _request_id() -> bytes:
+    return b"%s%08x" % (_ID_PREFIX, next(_ids))
+
+
+def max_head_bytes(limits: LimitSettings) -> int:
+    return limits.max_header_bytes + limits.max_url_bytes + 4 * limits.max_headers + _HEAD_OVERHEAD
+
+
+class GatewayProtocol(HttpToolsProtocol):
+    max_head_bytes: int = 64 * 1024
+    head_timeout_s: float = 10.0
+    admission: Admission | None = None
+    limits: LimitSettings | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self._in_head: bool | None = True  # None once refused
+        self._head_bytes = 0
+        # From the connection on: a client that connects and says nothing is timed too.
+        self._head_timer: asyncio.TimerHandle | None = None
+        super().connection_made(transport)
+        self._start_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        if self._head_timer is None:
+            self._start_head_timer()  # the next request on a kept-alive connection
+        super().on_message_begin()
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._cancel_head_timer()
+        super().on_headers_complete()
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head is None:
+            return  # refused: what the client still sends is dropped unread until the connection closes
+        super().data_received(data)
+        # Still in the head after the parser took this chunk: all of it was head. (A chunk that also began the
+        # next pipelined request is counted whole: an overcount by at most one read.)
+        if self._in_head and not self.transport.is_closing():
+            self._head_bytes += len(data)
+            if self._head_bytes > self.max_head_bytes:
+                self._refuse(HeadersTooLargeError(f"the request head exceeds {self.max_head_bytes} bytes"))
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:  # type: ignore[override]
+        # Called when a request may start (at once, or when the one before it on this connection is done).
+        admission = self.admission
+        path = cycle.scope["path"]
+        if (
+            path == LIVENESS_PATH
+            and cycle.scope["method"] in ("GET", "HEAD")
+            and (
+                self.limits is None or head_problem(cast(Scope, cycle.scope), self.limits) is None
+            )  # else the app refuses
+        ):
+            # Liveness is the event loop answering: in the turn that read the request, with no task to schedule,
+            # so that a loop busy with a burst still answers its probe within one turn.
+            self._answer(cycle, *_LIVENESS)
+        elif admission is None or path in admission.exempt:
+            super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
+        elif admission.admits(cycle.scope["path"]):
+            # As uvicorn's own, plus the admission count released when the task ends, however it ends.
+            admission.enter()
+            context = contextvars.Context() if getattr(self.config, "reset_contextvars", False) else None
+            task = self.loop.create_task(cycle.run_asgi(app), context=context)  # type: ignore[arg-type]
+            task.add_done_callback(admission.leave)
+            task.add_done_callback(self.tasks.discard)
+            self.tasks.add(task)
+        else:
+            self._answer(cycle, *admission.shed())
+
+    def _answer(self, cycle: RequestResponseCycle, head: bytes, body: bytes) -> None:
+        # A canned answer, straight to the socket, with the cycle marked done as uvicorn's own send() would: a body
+        # still arriving is then dropped by on_body, and the connection goes on to its next request.
+        cycle.response_started = cycle.response_complete = True
+        cycle.message_event.set()
+        parts = [head, *(b"%s: %s\r\n" % header for header in self.server_state.default_headers)]
+        parts.append(b"x-request-id: %s\r\n" % _request_id())
+        if not cycle.keep_alive:
+            parts.append(b"connection: close\r\n")
+        parts.append(b"\r\n")
+        if cycle.scope["method"] != "HEAD":
+            parts.append(body)
+        self.transport.write(b"".join(parts))
+        if not cycle.keep_alive:
+            self.transport.close()
+        # As uvicorn's run_asgi does when a request ends: the cycle's hook back to this protocol is a reference
+        # cycle that only the garbage collector would break, and in a burst its pauses stall the loop.
+        cycle.on_response = _nothing
+        self.on_response_complete()
+
+    def _start_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
+
+    def _cancel_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        # Between a response and the next request the connection is idle, which uvicorn's keep-alive timeout
+        # governs; only a head begun, or none ever sent, is ours.
+        if self._in_head and not self.transport.is_closing() and (self._head_bytes or self.cycle is None):
+            self._refuse(RequestTimeoutError(f"the request head did not arrive within {self.head_timeout_s:g} s"))
+
+    def _refuse(self, err: ProblemError) -> None:
+        self._cancel_head_timer()
+        body = orjson.dumps(
+            {"type": TYPE_PREFIX + err.type, "title": err.title, "status": err.status, "detail": err.detail}
+        )
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (err.status, _REASONS[err.status], len(body), body)
+        )
+        # A lingering close: closing with the client's bytes still unread would reset the connection, and the
+        # client would never read the answer. Drop what still comes, for a moment, then close.
+        self._in_head = None
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+
+def gateway_protocol(limits: LimitSettings, admission: Admission | None) -> type[GatewayProtocol]:
+    """The protocol class for uvicorn's ``http=`` setting, bound to these limits and this admission count."""
+    attrs = {
+        "max_head_bytes": max_head_bytes(limits),
+        "head_timeout_s": limits.request_head_timeout_s,
+        "admission": admission,
+        "limits": limits,
+    }
+    return type("GatewayProtocol", (GatewayProtocol,), attrs)
