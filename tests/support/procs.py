@@ -142,7 +142,8 @@ def start_serve(
             [*(wrapper or []), *cmd],
             stdout=subprocess.DEVNULL,
             stderr=err,
-            env={**os.environ, **(env or {}), MARKER: marker},
+            # Authentication off explicitly, as the tests of the drain do not test it (their env may switch it on).
+            env={**os.environ, "GATEWAY_AUTH__ENABLED": "false", **(env or {}), MARKER: marker},
             start_new_session=new_session,
         )
     return ServeProcess(proc, port, stderr_path, marker, wrapped=wrapper is not None)
