@@ -1,4 +1,4 @@
-"""Run the gateway under uvicorn, programmatically, with uvloop and httptools."""
+"""Run the gateway under uvicorn, programmatically, with httptools and uvloop (or asyncio's own loop)."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def build_server(
         create_app(settings, tracer_provider=tracer_provider),
         host=settings.server.host,
         port=settings.server.port,
-        loop="uvloop",
+        loop=settings.server.loop,
         http="httptools",
         lifespan="on",
         log_config=None,
