@@ -38,6 +38,7 @@ class Profile:
     drain_load_s: float
     connections: int = 32
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
+    fanout_variants: tuple[str, ...] = ("gateway", "gateway-asyncio", "floor", "fastapi", "threaded")
 
 
 PROFILES = {
@@ -91,6 +92,8 @@ PROFILES = {
         workers_s=1,
         overload_s=1,
         drain_load_s=1,
+        fractions=(0.5,),
+        fanout_variants=("gateway", "floor"),
     ),
 }
 

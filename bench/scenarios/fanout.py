@@ -39,7 +39,7 @@ def check_answers(variant: Variant, body: bytes, n: int) -> None:
 def run(bench: Bench) -> dict[str, Any]:
     p = bench.profile
     zero = bench.upstream(0)
-    specs = [VARIANTS[k] for k in ORDER]
+    specs = [VARIANTS[k] for k in ORDER if k in p.fanout_variants]
     bench.say(f"fan-out: starting {len(specs)} variants")
     variants = bench.start(specs, upstream_names(max(p.fanout_ns), zero))
     bodies = {n: bench.body_file(f"fanout-{n}", aggregate_body(n)) for n in p.fanout_ns}
@@ -156,7 +156,7 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
                 f"| {fmt_spread(s['cpu_util'], '{:.2f}')} | {lag} | {errors} |"
             )
     lines += ["", "Throughput ratios, gateway (uvloop) over each variant, paired within each round:", ""]
-    others = [k for k in ORDER if k != "gateway"]
+    others = [k for k in ORDER if k != "gateway" and k in bench.profile.fanout_variants]
     lines += ["| N | " + " | ".join(VARIANTS[k].label for k in others) + " |", "|---" * (len(others) + 1) + "|"]
     for n, ratios in result["ratios"].items():
         lines.append(f"| {n} | " + " | ".join(f"{fmt_spread(ratios.get(k), '{:.2f}')}×" for k in others) + " |")
