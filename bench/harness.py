@@ -47,16 +47,16 @@ PROFILES = {
         rounds=2,
         ceiling_s=1,
         warmup_s=1,
-        open_s=1.5,
+        open_s=1,
         fanout_ns=(1, 4, 8),
-        open_loop_n=8,
+        open_loop_n=4,
         latency_variants=("gateway", "floor"),
         db_sizes=(1, 4, 16, 32),
-        db_s=2,
-        transform_mb=(1, 16, 64),
+        db_s=1,
+        transform_mb=(1, 64),
         transform_reps=2,
-        workers_s=3,
-        overload_s=10,
+        workers_s=2,
+        overload_s=8,
         drain_load_s=2,
     ),
     "full": Profile(
@@ -66,7 +66,7 @@ PROFILES = {
         warmup_s=2,
         open_s=8,
         fanout_ns=(1, 4, 8),
-        open_loop_n=8,
+        open_loop_n=4,
         latency_variants=("gateway", "gateway-asyncio", "floor", "fastapi", "threaded"),
         db_sizes=(1, 4, 16, 32),
         db_s=5,
@@ -155,12 +155,17 @@ class Bench:
     ) -> dict[str, Variant]:
         """Start the variants side by side on the server CPU (every CPU when ``unpinned``) and wait until each is
         ready."""
-        cpus = self.pinning.every if unpinned else self.pinning.server
-        variants = {spec.key: start_variant(spec, upstreams, cpus=cpus, workdir=self.workdir, **kw) for spec in specs}
+        # Started on every CPU (start-up is CPU-heavy, and several variants start at once), pinned once ready.
+        variants = {
+            spec.key: start_variant(spec, upstreams, cpus=self.pinning.every, workdir=self.workdir, **kw)
+            for spec in specs
+        }
         for variant in variants.values():
             self.own(variant.service)
         for variant in variants.values():
             variant.service.wait_ready(timeout=90)
+            if not unpinned:
+                variant.service.pin(self.pinning.server)
         return variants
 
     # -- measurements --
@@ -189,7 +194,7 @@ class Bench:
         per request and, for the gateway, its loop lag and source failures over the run."""
         conns = connections or self.profile.connections
         before = self.scrape(variant)
-        cpu0 = variant.service.cpu_seconds()
+        cpu0, core0, t0 = variant.service.cpu_seconds(), self.pinning.server_busy_s(), time.monotonic()
         wrk = self.tools.get("wrk")
         if wrk:
             r = run_wrk(
@@ -207,16 +212,24 @@ class Bench:
             requests = g["completed"]
             errors = g["completed"] - g["ok"] + sum(g["errors"].values())
             rps = g["goodput"]
-        cpu1 = variant.service.cpu_seconds()
+        cpu1, core1, elapsed = variant.service.cpu_seconds(), self.pinning.server_busy_s(), time.monotonic() - t0
         out: dict[str, Any] = {
             "rps": round(rps, 1),
             "requests": requests,
             "errors": errors,
             "cpu_us_per_req": round((cpu1 - cpu0) / requests * 1e6, 1) if requests else None,
             "cpu_util": round((cpu1 - cpu0) / seconds, 3),
+            **self._interference(core1 - core0 - (cpu1 - cpu0), elapsed),
         }
         out.update(self.gateway_window(variant, before))
         return out
+
+    def _interference(self, others_s: float, elapsed_s: float) -> dict[str, float]:
+        """Share of the server CPU that other processes (not the variant) used during the run."""
+        if self.pinning.server is None or elapsed_s <= 0:
+            return {}
+        cores = len(self.pinning.server.split(","))
+        return {"others_on_server_cpu": round(max(0.0, others_s) / (elapsed_s * cores), 3)}
 
     def gateway_window(self, variant: Variant, before: promtext.Samples | None) -> dict[str, Any]:
         """Loop lag p99 over the window since ``before`` (from bucket deltas) and the max the gateway reports,
@@ -298,9 +311,10 @@ class Bench:
     ) -> dict[str, Any]:
         """Open loop at ``rate``: latency percentiles measured from each request's intended send time."""
         before = self.scrape(variant)
-        cpu0 = variant.service.cpu_seconds()
+        cpu0, core0, t0 = variant.service.cpu_seconds(), self.pinning.server_busy_s(), time.monotonic()
         g = self.loadgen(variant.url + path, body, seconds=seconds, rate=rate, warmup=warmup)
-        cpu1 = variant.service.cpu_seconds()
+        cpu1, core1, elapsed = variant.service.cpu_seconds(), self.pinning.server_busy_s(), time.monotonic() - t0
+        g.update(self._interference(core1 - core0 - (cpu1 - cpu0), elapsed))
         g["cpu_us_per_req"] = round((cpu1 - cpu0) / max(1, g["completed"] + g["warmup_done"]) * 1e6, 1)
         g.update(self.gateway_window(variant, before))
         return g

@@ -39,6 +39,20 @@ class Pinning:
     def prefix(self, cpus: str | None) -> list[str]:
         return ["taskset", "-c", cpus] if cpus else []
 
+    def server_busy_s(self) -> float:
+        """CPU seconds spent so far by every process on the server CPU(s), from /proc/stat (10 ms resolution).
+        Minus the variant's own CPU time over a run, it is what other processes took from it."""
+        cpus = {f"cpu{c}" for c in (self.server or "").split(",") if c}
+        busy = 0
+        with open("/proc/stat") as fh:
+            for line in fh:
+                fields = line.split()
+                if fields and fields[0] in cpus:
+                    # user nice system idle iowait irq softirq steal ...: everything but idle and iowait
+                    values = [int(v) for v in fields[1:9]]
+                    busy += sum(values) - values[3] - values[4]
+        return busy / os.sysconf("SC_CLK_TCK")
+
     def describe(self) -> str:
         if self.server is None:
             return "no pinning (fewer than 2 CPUs)"
@@ -132,6 +146,17 @@ class Service:
                     return
             time.sleep(0.05)
         raise ServiceFailed(f"{self.name}: {self.health_url} did not answer 200 within {timeout:.0f} s")
+
+    def pin(self, cpus: str | None) -> None:
+        """Move the running process, its threads and its children to ``cpus`` (after a start on every CPU)."""
+        if cpus is None or not self.alive():
+            return
+        mask = {int(c) for c in cpus.split(",")}
+        proc = psutil.Process(self.pid)
+        for p in [proc, *proc.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error, OSError):
+                for thread in p.threads():
+                    os.sched_setaffinity(thread.id, mask)
 
     def returncode(self) -> int | None:
         return None if self.proc is None else self.proc.poll()

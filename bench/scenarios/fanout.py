@@ -48,9 +48,9 @@ def run(bench: Bench) -> dict[str, Any]:
             check_answers(v, bodies[n].read_bytes(), n)
 
     raw: dict[int, dict[str, list[dict[str, Any]]]] = {n: {k: [] for k in variants} for n in p.fanout_ns}
+    for v in variants.values():  # warm connection pools and code paths; not recorded
+        bench.closed(v, bodies[max(p.fanout_ns)], seconds=p.warmup_s)
     for n in p.fanout_ns:
-        for v in variants.values():  # warm connection pools and code paths; not recorded
-            bench.closed(v, bodies[n], seconds=p.warmup_s)
         for rnd in range(p.rounds):
             keys = list(variants)
             keys = keys[rnd % len(keys) :] + keys[: rnd % len(keys)]
@@ -64,7 +64,15 @@ def run(bench: Bench) -> dict[str, Any]:
         result["summary"][n] = {
             key: {
                 metric: spread([r[metric] for r in runs if r.get(metric) is not None])
-                for metric in ("rps", "cpu_us_per_req", "cpu_util", "loop_lag_p99_ms", "errors", "source_failures")
+                for metric in (
+                    "rps",
+                    "cpu_us_per_req",
+                    "cpu_util",
+                    "others_on_server_cpu",
+                    "loop_lag_p99_ms",
+                    "errors",
+                    "source_failures",
+                )
             }
             for key, runs in raw[n].items()
         }
@@ -135,25 +143,26 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
     lines = ["## Fan-out cost (zero-latency upstreams)", ""]
     lines.append(
         f"Closed loop (wrk, {p.connections} connections, {p.ceiling_s:g} s per run, {p.rounds} interleaved "
-        "rounds): median (min–max) over rounds. CPU is the variant's own process (user + system) per request; "
-        "*core share* is its CPU seconds per second of the run: below 1.0 at saturation means other processes "
-        "took part of its core."
+        "rounds): median (min–max) over rounds. CPU is the variant's own process (user + system) per request. "
+        "*Core share*: its CPU seconds per second of the run (below 1.0 at saturation: it did not get its whole "
+        "core); *others*: the share of the server CPU that other processes on this machine used meanwhile."
     )
     lines += [
         "",
-        "| N | variant | req/s | CPU µs/req | core share | loop lag p99 ms | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| N | variant | req/s | CPU µs/req | core share | others | loop lag p99 ms | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n, per in result["summary"].items():
         for key, s in per.items():
             lag = fmt_spread(s["loop_lag_p99_ms"], "{:.2f}") if s["loop_lag_p99_ms"] else "–"
-            errors = int(s["errors"]["median"]) if s["errors"] else 0
+            errors: str = str(int(s["errors"]["median"])) if s["errors"] else "0"
             failed = s["source_failures"]
             if failed and failed["max"]:
-                errors = f"{errors} (+{int(failed['max'])} source failures)"  # type: ignore[assignment]
+                errors += f" (+{int(failed['max'])} source failures)"
             lines.append(
                 f"| {n} | {VARIANTS[key].label} | {fmt_spread(s['rps'])} | {fmt_spread(s['cpu_us_per_req'])} "
-                f"| {fmt_spread(s['cpu_util'], '{:.2f}')} | {lag} | {errors} |"
+                f"| {fmt_spread(s['cpu_util'], '{:.2f}')} | {fmt_spread(s.get('others_on_server_cpu'), '{:.2f}')} "
+                f"| {lag} | {errors} |"
             )
     lines += ["", "Throughput ratios, gateway (uvloop) over each variant, paired within each round:", ""]
     others = [k for k in ORDER if k != "gateway" and k in bench.profile.fanout_variants]
@@ -177,8 +186,9 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
             f"({VARIANTS[ol['slowest']].label}, {ol['slowest_ceiling']:.0f} req/s), {p.open_s:g} s each; latency "
             "from each request's intended send time (no coordinated omission). Every variant at the same rates.",
             "",
-            "| rate req/s | variant | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | samples | errors |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| rate req/s | variant | p50 ms | p90 ms | p99 ms | p99.9 ms | max ms | samples | errors "
+            "| loop lag p99 ms |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for entry in ol["rates"].values():
             for key, r in entry["runs"].items():
@@ -188,7 +198,7 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
                     f"| {entry['rate']:.0f} | {VARIANTS[key].label} | {lat['p50'] / 1000:.2f} "
                     f"| {lat['p90'] / 1000:.2f} | {lat['p99'] / 1000:.2f} | {lat['p999'] / 1000:.2f} "
                     f"| {lat['max'] / 1000:.2f} | {lat['count']} "
-                    f"| {bad} |"
+                    f"| {bad} | {r.get('loop_lag_p99_ms', '–')} |"
                 )
     prof = result.get("profile")
     if prof and "top_self" in prof:

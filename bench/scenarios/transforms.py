@@ -71,7 +71,7 @@ def post_timed(v: Variant, name: str, body: bytes, content_type: str) -> tuple[f
 
 
 def run(bench: Bench) -> dict[str, Any]:
-    result: dict[str, Any] = {"shm": None, "workers": None, "gil": None, "missing": []}
+    result: dict[str, Any] = {"shm": None, "workers": None, "gil": None, "missing": [], "why": {}}
     probe = bench.start(
         [VARIANTS["gateway"]],
         {},
@@ -87,14 +87,18 @@ def run(bench: Bench) -> dict[str, Any]:
     probe.service.stop()
 
     setting = shm_setting()
+    shm_missing = []
     if not npy:
-        result["missing"].append(f"no transform accepts {NPY} bodies in this build ({why_npy})")
+        shm_missing.append(f"no transform accepts {NPY} bodies in this build ({why_npy})")
     if setting is None:
-        result["missing"].append("no shared-memory threshold setting in [compute] in this build")
+        shm_missing.append("no shared-memory threshold setting in [compute] in this build")
+    result["missing"] += shm_missing
+    result["why"]["shm"] = "; ".join(shm_missing)
     if npy and setting is not None:
         result["shm"] = shm_vs_pickle(bench, npy[0], setting)
     if not python:
         result["missing"].append("no pure-Python transform is listed by GET /transform in this build")
+        result["why"]["workers"] = result["missing"][-1]
     else:
         result["workers"] = workers(bench, python[0], npy_ok=python[0] in npy)
     result["gil"] = gil_thread(bench, (result["workers"] or {}).get("job_s", JOB_TARGET_S))
@@ -221,7 +225,8 @@ def gil_thread(bench: Bench, job_s: float) -> dict[str, Any]:
 
 
 def goals(bench: Bench, result: dict[str, Any]) -> None:
-    missing = "; ".join(result["missing"])
+    why_shm = result["why"].get("shm", "")
+    missing = result["why"].get("workers", "")
     shm = result["shm"]
     big = [e for mb, e in (shm or {}).get("sizes", {}).items() if mb >= 64 and e["ratio"] is not None]
     bench.goals.append(
@@ -230,7 +235,7 @@ def goals(bench: Bench, result: dict[str, Any]) -> None:
             f"shared memory ≥ {SHM_GOAL:g}× faster than pickle end to end at ≥ 64 MB",
             f"{min(e['ratio'] for e in big):.1f}×" if big else "n/a",
             (min(e["ratio"] for e in big) >= SHM_GOAL) if big else None,
-            "" if big else (missing or "no size ≥ 64 MB in this profile"),
+            "" if big else (why_shm or "no size ≥ 64 MB in this profile"),
         )
     )
     w = result["workers"]
