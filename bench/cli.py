@@ -121,7 +121,9 @@ def closing_notes(bench: Bench) -> list[str]:
     if not missed and not absent:
         lines.append("Every goal was met in this run.")
     for g in missed:
-        lines.append(f"- Missed: {g.goal} ({g.measured}). {g.note}")
+        lines.append(
+            f"- **Missed: {g.goal}** ({g.measured}). {g.note}" + (f" *To close it:* {g.remedy}" if g.remedy else "")
+        )
     for g in absent:
-        lines.append(f"- Not measured: {g.goal}. {g.note}")
+        lines.append(f"- **Not measured: {g.goal}.** {g.note}")
     return lines

@@ -104,7 +104,8 @@ class Goal:
     goal: str
     measured: str
     met: bool | None  # None: could not be measured in this build
-    note: str = ""
+    note: str = ""  # why, when it was missed or not measured
+    remedy: str = ""  # what would close the gap
 
 
 @dataclass

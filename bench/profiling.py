@@ -14,6 +14,14 @@ from typing import Any
 
 from bench.procs import http_request
 
+# Inclusive shares of the loop thread's busy time, by the outermost frame of each part of a request.
+BREAKDOWN = {
+    "request_handling": "(starlette/applications.py",  # every middleware, routing, body, validation, endpoint
+    "endpoint": "run_endpoint_function (fastapi/routing.py",  # the handler itself (planning, waiting, answer)
+    "sources": "_one (app/aggregate/service.py",  # each source's task: limits, deadline, retries, the call
+    "http_client": "call_once (app/upstream/call.py",  # aiohttp: one request and its body
+}
+
 _SITE = re.compile(r".*/(site-packages|lib/python3\.\d+)/")
 
 
@@ -46,7 +54,13 @@ def summarize_speedscope(doc: dict[str, Any], top: int = 15) -> dict[str, Any]:
                     incl_s[name] += at - opened
         total += float(profile.get("endValue", 0)) - float(profile.get("startValue", 0))
     busy = sum(self_s.values())
+
+    def share(marker: str) -> float:
+        found = [s for name, s in incl_s.items() if marker in name]
+        return round(max(found, default=0.0) / busy, 3) if busy else 0.0
+
     return {
+        "breakdown": {label: share(marker) for label, marker in BREAKDOWN.items()},
         "profiled_s": round(total, 3),
         "busy_s": round(busy, 3),
         "top_self": _top(self_s, busy, top),

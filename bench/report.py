@@ -43,6 +43,14 @@ def markdown(bench: Bench, meta: dict[str, Any], sections: list[tuple[str, Secti
         "fixed-latency upstream: `bench/upstreams/delay.py` (uvloop)",
         "- **Versions:** " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
         "",
+        "Variants: **gateway** with every feature on (limits, deadlines, retries, circuit breakers, Prometheus "
+        "metrics, one JSON log line per request; `bench/variants.py` has its config), on uvloop and on asyncio's "
+        "own loop; **floor**, the least Python can do for the same fan-out (aiohttp server, one `ClientSession`, "
+        "`asyncio.gather`, no limits, retries or metrics); **typical FastAPI** (httpx `AsyncClient` and "
+        "`asyncio.gather`, as tutorials write it); **threaded** (a sync endpoint, `ThreadPoolExecutor(max_workers="
+        "10)` and `requests`). The references are in `bench/refs/`. Every source of an aggregate is its own "
+        "upstream (u0, u1, ...), all served by the same upstream process.",
+        "",
         "## Goals",
         "",
         *goal_table(bench.goals),

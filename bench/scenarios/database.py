@@ -59,20 +59,36 @@ def run(bench: Bench) -> dict[str, Any]:
     summary = {
         size: {
             m: spread([r[m] for r in rs if r.get(m) is not None])
-            for m in ("rps", "cpu_us_per_req", "loop_lag_p99_ms", "loop_lag_max_ms", "source_failures")
+            for m in (
+                "rps",
+                "cpu_us_per_req",
+                "loop_lag_p99_ms",
+                "loop_lag_max_ms",
+                "source_failures",
+                "others_on_server_cpu",
+            )
         }
         for size, rs in runs.items()
     }
     worst = max(
         (s["loop_lag_p99_ms"]["median"] for s in summary.values() if s["loop_lag_p99_ms"] is not None), default=None
     )
+    others = spread([r["others_on_server_cpu"] for rs in runs.values() for r in rs if "others_on_server_cpu" in r])
+    met = None if worst is None else worst < LAG_GOAL_MS
     bench.goals.append(
         Goal(
             "database",
             f"loop lag p99 < {LAG_GOAL_MS:g} ms while the DB executor is saturated",
             "n/a" if worst is None else f"{worst:.2f} ms (worst executor size)",
-            None if worst is None else worst < LAG_GOAL_MS,
-            "from the gateway's loop-lag histogram (bucket resolution, interpolated)",
+            met,
+            "From the gateway's loop-lag histogram (interpolated within its buckets). Executor threads compete "
+            "with the loop for the GIL: a thread holds it while psycopg2 builds rows and Python code runs, and "
+            "the loop may wait up to the 5 ms switch interval to get it back"
+            + (f"; other processes used {others['median']:.0%} of the gateway's CPU meanwhile." if others else "."),
+            ""
+            if met
+            else "a shorter GIL switch interval (sys.setswitchinterval) and fewer executor threads than "
+            "the ceiling needs no more of; a quiet machine for the tails.",
         )
     )
     return {"sql": QUERY_SQL, "connections": CONNECTIONS, "runs": runs, "summary": summary}
@@ -86,13 +102,14 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
         f"{result['connections']} connections, so the executor is saturated and queries queue. PostgreSQL runs "
         "locally on the load CPU. Median (min–max) over rounds.",
         "",
-        "| DB executor threads | req/s | CPU µs/req | loop lag p99 ms | loop lag max ms | source failures |",
-        "|---|---|---|---|---|---|",
+        "| DB executor threads | req/s | CPU µs/req | loop lag p99 ms | loop lag max ms | source failures "
+        "| others on its CPU |",
+        "|---|---|---|---|---|---|---|",
     ]
     for size, s in result["summary"].items():
         lines.append(
             f"| {size} | {fmt_spread(s['rps'])} | {fmt_spread(s['cpu_us_per_req'])} "
             f"| {fmt_spread(s['loop_lag_p99_ms'], '{:.2f}')} | {fmt_spread(s['loop_lag_max_ms'], '{:.1f}')} "
-            f"| {fmt_spread(s['source_failures'])} |"
+            f"| {fmt_spread(s['source_failures'])} | {fmt_spread(s['others_on_server_cpu'], '{:.2f}')} |"
         )
     return lines

@@ -58,25 +58,30 @@ def run(bench: Bench) -> dict[str, Any]:
     result = {"n": N, "latency_ms": LATENCY_MS, "rate": rate, "ceilings": ceilings, "runs": runs, "summary": summary}
     gw = summary["gateway"]
     over = {q: gw[q]["median"] - LATENCY_MS for q in ("p50", "p99")}
+    alone = {q: summary["direct"][q]["median"] - LATENCY_MS for q in ("p50", "p99")}
+    others = spread([r["others_on_server_cpu"] for r in runs["gateway"] if "others_on_server_cpu" in r])
     result["overhead_ms"] = over
-    bench.goals.append(
-        Goal(
-            "latency",
-            f"p50 overhead over 20 ms < {P50_GOAL_MS:g} ms",
-            f"{over['p50']:.2f} ms",
-            over["p50"] < P50_GOAL_MS,
-            f"at {rate:.0f} req/s; upstream alone: p50 {summary['direct']['p50']['median'] - LATENCY_MS:+.2f} ms",
-        )
+    noise = (
+        f"The upstream called alone at the same rate shows p50 {alone['p50']:+.2f} ms and p99 {alone['p99']:+.2f} "
+        "ms over 20 ms: that much is this machine (timer granularity, scheduling, the generator), not the gateway."
+        + (f" Other processes used {others['median']:.0%} of the gateway's CPU meanwhile." if others else "")
     )
-    bench.goals.append(
-        Goal(
-            "latency",
-            f"p99 overhead over 20 ms < {P99_GOAL_MS:g} ms",
-            f"{over['p99']:.2f} ms",
-            over["p99"] < P99_GOAL_MS,
-            f"upstream alone: p99 {summary['direct']['p99']['median'] - LATENCY_MS:+.2f} ms",
-        )
+    remedy = (
+        "less CPU per request (see fan-out): at half the ceiling the gateway's loop is busy about half the time, "
+        "so a request often waits for the loop to finish other work; and a quiet machine for the tails."
     )
+    for q, goal in (("p50", P50_GOAL_MS), ("p99", P99_GOAL_MS)):
+        met = over[q] < goal
+        bench.goals.append(
+            Goal(
+                "latency",
+                f"{q} overhead over 20 ms < {goal:g} ms at 50 % of the ceiling",
+                f"{over[q]:.2f} ms at {rate:.0f} req/s",
+                met,
+                "" if met else noise,
+                "" if met else remedy,
+            )
+        )
     return result
 
 
