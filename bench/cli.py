@@ -120,10 +120,14 @@ def closing_notes(bench: Bench) -> list[str]:
     absent = [g for g in bench.goals if g.met is None]
     if not missed and not absent:
         lines.append("Every goal was met in this run.")
+    previous = None
     for g in missed:
-        lines.append(
-            f"- **Missed: {g.goal}** ({g.measured}). {g.note}" + (f" *To close it:* {g.remedy}" if g.remedy else "")
-        )
+        if (g.note, g.remedy) == previous:
+            lines.append(f"- **Missed: {g.goal}** ({g.measured}). Same cause as above.")
+            continue
+        previous = (g.note, g.remedy)
+        remedy = f" *To close it:* {g.remedy}" if g.remedy else ""
+        lines.append(f"- **Missed: {g.goal}** ({g.measured}). {g.note}{remedy}")
     for g in absent:
         lines.append(f"- **Not measured: {g.goal}.** {g.note}")
     return lines

@@ -18,7 +18,8 @@ VERDICT = {True: "met", False: "**missed**", None: "not measured"}
 def goal_table(goals: list[Goal]) -> list[str]:
     lines = ["| scenario | goal | measured | verdict | note |", "|---|---|---|---|---|"]
     for g in goals:
-        lines.append(f"| {g.scenario} | {g.goal} | {g.measured} | {VERDICT[g.met]} | {g.note} |")
+        note = g.note if len(g.note) <= 140 else "why: see the closing note"
+        lines.append(f"| {g.scenario} | {g.goal} | {g.measured} | {VERDICT[g.met]} | {note} |")
     return lines
 
 

@@ -59,7 +59,7 @@ def run(bench: Bench) -> dict[str, Any]:
         Goal(
             "drain",
             "SIGTERM during 75 % load: zero failed requests",
-            f"{failed} failed of {r['sent']} sent; exit after {exit_s:.2f} s (code {code})"
+            f"{failed} failed of {r['scheduled']}; exit after {exit_s:.2f} s (code {code})"
             if exit_s is not None
             else f"{failed} failed; no exit within 60 s",
             failed == 0,
@@ -80,9 +80,10 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
         "and stops sending once it is not 200. SIGTERM after "
         f"{bench.profile.drain_load_s:g} s of load; the gateway's config has `drain_delay_s = 2`.",
         "",
-        "| requests sent | succeeded | failed | failures by kind | /readyz when left rotation | SIGTERM → exit "
+        "| requests due before leaving rotation | succeeded | failed | failures by kind "
+        "| /readyz when left rotation | SIGTERM → exit "
         "| exit code |",
         "|---|---|---|---|---|---|---|",
-        f"| {r['sent']} | {r['ok']} | {result['failed']} | {failures or '–'} | {r['unready_status']} "
+        f"| {r['scheduled']} | {r['ok']} | {result['failed']} | {failures or '–'} | {r['unready_status']} "
         f"| {f'{exit_s:.2f} s' if exit_s is not None else 'no exit in 60 s'} | {result['exit_code']} |",
     ]

@@ -81,7 +81,8 @@ def run(bench: Bench) -> dict[str, Any]:
     p99_base = base["latency_ok_us"]["p99"] / 1000
     p99_over = over["latency_ok_us"]["p99"] / 1000
     waiting = over["scheduled"] - over["sent"]
-    gen_note = f"{waiting} requests never got one of the {GENERATOR_CONNECTIONS} connections" if waiting else ""
+    starved = f"{waiting} requests never got one of the {GENERATOR_CONNECTIONS} connections" if waiting else ""
+    gen_note = "; ".join(x for x in (note_shed, starved) if x)
     bench.goals += [
         Goal(
             "overload",

@@ -256,7 +256,11 @@ def goals(bench: Bench, result: dict[str, Any]) -> None:
             f"loop lag p99 < {LAG_GOAL_MS:g} ms while both cores run transforms",
             f"{fmt_spread(lag, '{:.2f}')} ms" if lag else "n/a",
             (lag["median"] < LAG_GOAL_MS) if lag else None,
-            (f"same work in a thread: {fmt_spread(gil, '{:.1f}')} ms" if gil else "") + ("" if w else f" {missing}"),
+            "; ".join(
+                x
+                for x in (f"same work in a thread: {fmt_spread(gil, '{:.1f}')} ms" if gil else "", "" if w else missing)
+                if x
+            ),
         )
     )
 
