@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         "failed": failed,
     }
     sections = [(key, SCENARIOS[key].markdown) for key in chosen]
-    text = report.markdown(bench, meta, sections, closing_notes(bench))
+    text = report.markdown(bench, meta, sections, closing_notes(bench, failed))
     report.write_json(out / "results.json", bench, meta)
     print(text)
     if not args.no_docs:
@@ -114,11 +114,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
-def closing_notes(bench: Bench) -> list[str]:
+def closing_notes(bench: Bench, failed: list[str]) -> list[str]:
     lines = ["## Closing note", ""]
     missed = [g for g in bench.goals if g.met is False]
     absent = [g for g in bench.goals if g.met is None]
-    if not missed and not absent:
+    for key in failed:
+        lines.append(f"- **Scenario {key} did not complete**; its goals were not evaluated (see the notes above).")
+    if not missed and not absent and not failed:
         lines.append("Every goal was met in this run.")
     previous = None
     for g in missed:

@@ -173,7 +173,10 @@ class Bench:
     def scrape(self, variant: Variant) -> promtext.Samples | None:
         if variant.metrics_url is None:
             return None
-        status, body, _ = http_request(variant.metrics_url)
+        try:
+            status, body, _ = http_request(variant.metrics_url)
+        except OSError:
+            return None  # a gateway that is gone (drain) or has no metrics listener: no window, not a crash
         return promtext.parse(body.decode()) if status == 200 else None
 
     def body_file(self, name: str, body: bytes) -> Path:

@@ -33,6 +33,7 @@ from hdrh.histogram import HdrHistogram
 
 MAX_LATENCY_US = 120_000_000
 PROBE_INTERVAL_S = 0.1
+PROBE_TIMEOUT_S = 2.0  # as a kubelet's default readiness timeout is 1 s, with room for a loaded generator
 CONNECT_TIMEOUT_S = 2.0
 
 
@@ -85,6 +86,7 @@ class Results:
     not_sent_unready: int = 0
     unready_at_s: float | None = None
     unready_status: int | None = None  # what /readyz answered when the instance left the rotation (0: nothing)
+    unready_reason: str | None = None  # that status, or the error when nothing answered
     connections_opened: int = 0
 
 
@@ -373,12 +375,16 @@ class Generator:
         started = time.perf_counter()
         request = f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
         while True:
-            status = 0
-            with contextlib.suppress(OSError, TimeoutError, ValueError):
-                status = await asyncio.wait_for(_probe_once(host, port, request), 1.0)
+            status, reason = 0, ""
+            try:
+                status = await asyncio.wait_for(_probe_once(host, port, request), PROBE_TIMEOUT_S)
+                reason = str(status)
+            except (OSError, TimeoutError, ValueError) as exc:
+                reason = type(exc).__name__
             if status != 200:
                 self.results.unready_at_s = round(time.perf_counter() - started, 3)
                 self.results.unready_status = status
+                self.results.unready_reason = reason
                 self.stop_sending = True
                 self._maybe_drained()
                 return
@@ -441,6 +447,7 @@ def report(opts: Options, r: Results) -> dict[str, Any]:
         "not_sent_unready": r.not_sent_unready,
         "unready_at_s": r.unready_at_s,
         "unready_status": r.unready_status,
+        "unready_reason": r.unready_reason,
     }
 
 

@@ -26,8 +26,10 @@ def run(bench: Bench) -> dict[str, Any]:
     argv = bench.loadgen_argv(
         gateway.url + "/aggregate", body, seconds=horizon, rate=rate, grace=15.0, readyz=gateway.url + "/readyz"
     )
+    before = bench.scrape(gateway)
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     time.sleep(p.drain_load_s + 0.5)  # load running for drain_load_s before the signal
+    window = bench.gateway_window(gateway, before)  # loop lag under the load, up to the signal
     exit_s = gateway.service.terminate_and_time(timeout=60)
     code = gateway.service.returncode()
     try:
@@ -49,6 +51,7 @@ def run(bench: Bench) -> dict[str, Any]:
         "exit_s": exit_s,
         "exit_code": code,
         "readiness_first": readiness_first,
+        "before_signal": window,
     }
     note = (
         "readiness answered 503 first, so the balancer stopped sending before the listener closed"
@@ -78,12 +81,14 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
         "",
         f"Open loop at {result['rate']:.0f} req/s; the generator polls `/readyz` every 100 ms like a load balancer "
         "and stops sending once it is not 200. SIGTERM after "
-        f"{bench.profile.drain_load_s:g} s of load; the gateway's config has `drain_delay_s = 2`.",
+        f"{bench.profile.drain_load_s:g} s of load; the gateway's config has `drain_delay_s = 2`. Loop lag p99 "
+        f"under the load before the signal: {result['before_signal'].get('loop_lag_p99_ms', '–')} ms.",
         "",
         "| requests due before leaving rotation | succeeded | failed | failures by kind "
         "| /readyz when left rotation | SIGTERM → exit "
         "| exit code |",
         "|---|---|---|---|---|---|---|",
-        f"| {r['scheduled']} | {r['ok']} | {result['failed']} | {failures or '–'} | {r['unready_status']} "
+        f"| {r['scheduled']} | {r['ok']} | {result['failed']} | {failures or '–'} "
+        f"| {r.get('unready_reason') or r['unready_status']} "
         f"| {f'{exit_s:.2f} s' if exit_s is not None else 'no exit in 60 s'} | {result['exit_code']} |",
     ]

@@ -125,6 +125,7 @@ def shm_vs_pickle(bench: Bench, name: str, setting: str) -> dict[str, Any]:
         body = npy_bytes(array)
         times: dict[str, list[float]] = {m: [] for m in modes}
         statuses: set[int] = set()
+        before = {mode: bench.scrape(v) for mode, v in variants.items()}
         for _ in range(p.transform_reps):
             for mode, v in variants.items():
                 secs, status, answer = post_timed(v, name, body, NPY)
@@ -135,6 +136,9 @@ def shm_vs_pickle(bench: Bench, name: str, setting: str) -> dict[str, Any]:
         entry: dict[str, Any] = {m: statistics.median(t) for m, t in times.items()}
         entry["ratio"] = entry["pickle"] / entry["shm"] if entry["shm"] > 0 else None
         entry["statuses"] = sorted(statuses)
+        entry["loop_lag_p99_ms"] = {
+            mode: bench.gateway_window(v, before[mode]).get("loop_lag_p99_ms") for mode, v in variants.items()
+        }
         out["sizes"][mb] = entry
         bench.say(f"  transform {mb} MB: shm {entry['shm']:.3f} s, pickle {entry['pickle']:.3f} s")
     for v in variants.values():
@@ -278,12 +282,16 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
             f"{bench.profile.transform_reps}; `compute.{shm['setting']}` set so that every array goes by shared "
             "memory, or every array by pickle. End to end, as the client sees it.",
             "",
-            "| array MB | shared memory s | pickle s | pickle / shm | statuses |",
-            "|---|---|---|---|---|",
+            "| array MB | shared memory s | pickle s | pickle / shm | loop lag p99 ms (shm / pickle) | statuses |",
+            "|---|---|---|---|---|---|",
         ]
         for mb, e in shm["sizes"].items():
             ratio = f"{e['ratio']:.1f}×" if e["ratio"] else "n/a"
-            lines.append(f"| {mb} | {e['shm']:.3f} | {e['pickle']:.3f} | {ratio} | {e['statuses']} |")
+            lag = e["loop_lag_p99_ms"]
+            lines.append(
+                f"| {mb} | {e['shm']:.3f} | {e['pickle']:.3f} | {ratio} | {lag['shm']} / {lag['pickle']} "
+                f"| {e['statuses']} |"
+            )
         lines.append("")
     w = result["workers"]
     if w:
