@@ -7,6 +7,8 @@ from collections.abc import Awaitable, Mapping
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
 
 from app.aggregate.models import AggregateRequest, SourceResult
 from app.aggregate.service import Aggregator, Plan, effective_deadline_s, merge_flat, plan_composite, plan_request
@@ -21,9 +23,37 @@ router = APIRouter(tags=["aggregate"])
 T = TypeVar("T")
 
 
-@router.post("/aggregate")
-async def aggregate(body: AggregateRequest, request: Request) -> JSONResponse:
+# The body is read and validated here rather than by FastAPI's body parameter: pydantic parses the JSON itself in
+# one pass (FastAPI decodes it with the standard library, then validates the Python objects, and parses the
+# Content-Type with the email package on every request). Errors take FastAPI's shape, so they map to the same
+# 422 problem.
+_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": AggregateRequest.model_json_schema()}},
+    }
+}
+
+
+def parse_aggregate(raw: bytes, content_type: str | None) -> AggregateRequest:
+    """Raises RequestValidationError (422 problem) for a body that is not a valid aggregate request, or that is
+    declared as something other than JSON (as FastAPI does: no Content-Type is read as JSON)."""
+    if content_type is not None:
+        media = content_type.split(";", 1)[0].strip().lower()
+        if not media.startswith("application/") or not (media == "application/json" or media.endswith("+json")):
+            error = {"type": "content_type", "loc": ("body",), "msg": "Content-Type must be application/json"}
+            raise RequestValidationError([{**error, "input": content_type}])
+    try:
+        return AggregateRequest.model_validate_json(raw)
+    except ValidationError as exc:
+        errors = [{**err, "loc": ("body", *err["loc"])} for err in exc.errors(include_url=False)]
+        raise RequestValidationError(errors) from None
+
+
+@router.post("/aggregate", openapi_extra=_BODY_SCHEMA)
+async def aggregate(request: Request) -> JSONResponse:
     """Run the sources named in the body. 200 for a valid request, whatever each source's outcome."""
+    body = parse_aggregate(await request.body(), request.headers.get("content-type"))
     state = get_state(request)
     plans = plan_request(state.settings, body)
     deadline_s = effective_deadline_s(state.settings, body.deadline_ms)
