@@ -246,9 +246,13 @@ class Bench:
         buckets = promtext.histogram_delta(before, after, "gateway_event_loop_lag_seconds")
         p99 = promtext.quantile(buckets, 0.99)
         lag_max = promtext.value(after, "gateway_event_loop_lag_max_seconds")
-        failed = promtext.total(
-            after, "gateway_upstream_request_duration_seconds_count", exclude={"outcome": "ok"}
-        ) - promtext.total(before, "gateway_upstream_request_duration_seconds_count", exclude={"outcome": "ok"})
+        failed = 0.0
+        # Upstream attempts and named queries that did not succeed, and queries refused by a full DB queue.
+        for name in ("gateway_upstream_request_duration_seconds_count", "gateway_db_query_duration_seconds_count"):
+            failed += promtext.total(after, name, exclude={"outcome": "ok"})
+            failed -= promtext.total(before, name, exclude={"outcome": "ok"})
+        failed += promtext.total(after, "gateway_db_executor_rejected_total")
+        failed -= promtext.total(before, "gateway_db_executor_rejected_total")
         return {
             "loop_lag_p99_ms": None if p99 is None else round(p99 * 1000, 2),
             "loop_lag_max_ms": None if lag_max is None else round(lag_max * 1000, 2),
