@@ -8,7 +8,7 @@ UV     := $(or $(shell command -v uv 2>/dev/null),$(TOOLS)/bin/uv)
 export VIRTUAL_ENV := $(abspath $(VENV))
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck pytest lock ensure-postgres ensure-redis clean validate-deploy deploy-tools deploy-sync
+.PHONY: install demo test lint typecheck pytest lock ensure-postgres ensure-redis clean validate-deploy deploy-tools deploy-sync bench
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -55,6 +55,11 @@ deploy-sync: install
 
 ensure-redis:
 	@scripts/ensure-redis.sh
+
+# The benchmark harness (docs/benchmarks.md): `make bench` for the full run, `make bench BENCH=--quick` for one
+# under 3 minutes. Installs wrk and nginx with apt-get when they are missing.
+bench: install
+	$(BIN)/python -m bench $(BENCH)
 
 # Re-pin after editing pyproject.toml. Hashes only: no index URL or download address is recorded.
 lock: | $(UV)

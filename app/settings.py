@@ -176,6 +176,9 @@ class ServerSettings(_Section):
     drain_timeout_s: float = Field(20.0, ge=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    # uvloop is faster on most workloads; "asyncio" is the standard library's loop, for platforms without
+    # uvloop and for measuring what uvloop buys (see docs/benchmarks.md).
+    loop: Literal["uvloop", "asyncio"] = "uvloop"
 
 
 class LimitSettings(_Section):

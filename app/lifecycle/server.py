@@ -1,4 +1,5 @@
-"""Run the gateway under uvicorn, programmatically, with uvloop and httptools, and drain it on SIGTERM/SIGINT.
+"""Run the gateway under uvicorn, programmatically, with httptools and uvloop (or asyncio's own loop), and drain
+it on SIGTERM/SIGINT.
 
 uvicorn installs its signal handlers (``signal.signal``, main thread) before the lifespan starts and calls
 ``handle_exit``; GatewayServer hands each signal to the drain (drain.py) instead of stopping at once, and never
@@ -150,7 +151,7 @@ def build_server(
         app,
         host=settings.server.host,
         port=settings.server.port,
-        loop="uvloop",
+        loop=settings.server.loop,
         # httptools, with the request head bounded and admission decided before the app (app/security/protocol.py).
         http=gateway_protocol(settings.limits, app.state.admission),
         backlog=settings.limits.listen_backlog,

@@ -1,0 +1,152 @@
+"""Overload: offered load at 3× the gateway's ceiling (N = 4, zero-latency upstreams), open loop. What a gateway
+with admission control should show: goodput near its ceiling, admitted requests' p99 not far above its value at
+75 % load, the rest refused at once with 503 + Retry-After, and memory that stays flat."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from typing import Any
+
+from bench.harness import Bench, Goal
+from bench.variants import VARIANTS, aggregate_body, upstream_names
+
+N = 4
+GOODPUT_GOAL = 0.9
+P99_FACTOR_GOAL = 2.0
+SHED_GOAL_MS = 5.0
+FLAT_MB = 20.0  # growth over the second half of the run that still counts as flat
+GENERATOR_CONNECTIONS = 2048
+
+
+def run(bench: Bench) -> dict[str, Any]:
+    p = bench.profile
+    gateway = bench.start([VARIANTS["gateway"]], upstream_names(N, bench.upstream(0)), tag="-overload")["gateway"]
+    body = bench.body_file("overload", aggregate_body(N))
+    bench.closed(gateway, body, seconds=p.warmup_s)
+    ceiling = statistics.median(bench.closed(gateway, body, seconds=p.ceiling_s)["rps"] for _ in range(p.rounds))
+    base = bench.open(gateway, body, rate=ceiling * 0.75, seconds=p.open_s)
+    bench.say(f"overload: ceiling {ceiling:.0f} req/s; 75 %: p99 {base['latency_ok_us']['p99'] / 1000:.1f} ms")
+
+    offered = ceiling * 3
+    before = bench.scrape(gateway)
+    argv = bench.loadgen_argv(
+        gateway.url + "/aggregate",
+        body,
+        seconds=p.overload_s,
+        rate=offered,
+        warmup=0.5,
+        connections=GENERATOR_CONNECTIONS,
+        grace=10.0,
+    )
+    rss: list[tuple[float, float]] = []
+    started = time.monotonic()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while True:
+        try:
+            out, err = proc.communicate(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if gateway.service.alive():
+                rss.append((round(time.monotonic() - started, 2), gateway.service.rss_bytes() / 2**20))
+            if time.monotonic() - started > p.overload_s + 120:
+                proc.kill()
+                out, err = proc.communicate()
+                break
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err.decode(errors='replace')[-2000:]}")
+    over: dict[str, Any] = json.loads(out)
+    over.update(bench.gateway_window(gateway, before))
+    gateway.service.stop()
+
+    goodput = over["goodput"]
+    shed = over["statuses"].get("503", 0)
+    measured = [m for t, m in rss if 0.5 <= t <= p.overload_s + 0.5]
+    half = measured[len(measured) // 2 :] or measured
+    growth = (max(half) - half[0]) if half else None
+    result = {
+        "n": N,
+        "ceiling": ceiling,
+        "offered": round(offered, 1),
+        "baseline_75": base,
+        "overload": over,
+        "goodput": round(goodput, 1),
+        "shed": shed,
+        "rss_mb": rss,
+        "rss_growth_second_half_mb": growth,
+    }
+    note_shed = "" if shed else "no request was shed: admission control is not available in this build"
+    p99_base = base["latency_ok_us"]["p99"] / 1000
+    p99_over = over["latency_ok_us"]["p99"] / 1000
+    waiting = over["scheduled"] - over["sent"]
+    starved = f"{waiting} requests never got one of the {GENERATOR_CONNECTIONS} connections" if waiting else ""
+    gen_note = "; ".join(x for x in (note_shed, starved) if x)
+    bench.goals += [
+        Goal(
+            "overload",
+            f"goodput at 3× ceiling ≥ {GOODPUT_GOAL:.0%} of the ceiling",
+            f"{goodput:.0f} req/s = {goodput / ceiling:.0%} of {ceiling:.0f}",
+            goodput >= GOODPUT_GOAL * ceiling,
+            gen_note,
+        ),
+        Goal(
+            "overload",
+            f"p99 of admitted requests ≤ {P99_FACTOR_GOAL:g}× its value at 75 % load",
+            f"{p99_over:.1f} ms vs {p99_base:.1f} ms",
+            p99_over <= P99_FACTOR_GOAL * p99_base,
+            note_shed,
+        ),
+        Goal(
+            "overload",
+            f"shed requests answered 503 in < {SHED_GOAL_MS:g} ms (p99)",
+            f"{over['latency_503_us']['p99'] / 1000:.2f} ms ({shed} shed, "
+            f"{over['retry_after_on_503']} with Retry-After)"
+            if shed
+            else "n/a",
+            (over["latency_503_us"]["p99"] / 1000 < SHED_GOAL_MS) if shed else None,
+            note_shed,
+        ),
+        Goal(
+            "overload",
+            f"memory flat (growth over the second half < {FLAT_MB:g} MB)",
+            "n/a" if growth is None else f"{growth:+.1f} MB (RSS {measured[0]:.0f} → {measured[-1]:.0f} MB)",
+            None if growth is None else growth < FLAT_MB,
+        ),
+    ]
+    return result
+
+
+def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
+    o, b = result["overload"], result["baseline_75"]
+
+    def row(name: str, r: dict[str, Any], rate: float) -> str:
+        ok, shed = r["latency_ok_us"], r["latency_503_us"]
+        errors = sum(r["errors"].values()) + sum(v for k, v in r["statuses"].items() if k not in ("200", "503"))
+        return (
+            f"| {name} | {rate:.0f} | {r['goodput']:.0f} | {ok['p50'] / 1000:.1f} | {ok['p99'] / 1000:.1f} "
+            f"| {r['statuses'].get('503', 0)} | {shed['p99'] / 1000:.2f} | {errors} | {r.get('loop_lag_p99_ms', '–')} |"
+        )
+
+    lines = [
+        f"## Overload (N = {result['n']}, zero-latency upstreams)",
+        "",
+        f"Ceiling {result['ceiling']:.0f} req/s (closed loop). Open loop at 75 % of it, then at 3× for "
+        f"{o['duration_s']:g} s with up to {GENERATOR_CONNECTIONS} connections. Latency from intended send times.",
+        "",
+        "| load | offered req/s | goodput req/s | admitted p50 ms | admitted p99 ms | 503s | 503 p99 ms "
+        "| other failures | loop lag p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+        row("75 %", b, b["offered_rate"]),
+        row("3×", o, o["offered_rate"]),
+        "",
+    ]
+    rss = result["rss_mb"]
+    if rss:
+        lines.append(
+            "Gateway RSS during the 3× run (MB, every 0.5 s): "
+            + ", ".join(f"{m:.0f}" for _, m in rss[:: max(1, len(rss) // 12)])
+            + "."
+        )
+    return lines
