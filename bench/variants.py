@@ -77,6 +77,9 @@ def gateway_config(upstreams: dict[str, str], *, loop: str, admin_port: int, **s
         "observability": {"access_log": True, "admin_port": admin_port, "loop_lag_interval_ms": 20},
         "http": {"max_connections": 1024, "max_in_flight": 1024},
         "compute": {"enabled": False},
+        # Off, explicitly: the load generators send no API key, and the references have no authentication either.
+        # A key check is one SHA-256 of a short token per request.
+        "auth": {"enabled": False},
         "upstreams": {name: {"base_url": url, "max_concurrency": 512} for name, url in upstreams.items()},
     }
     for name, section in sections.items():
