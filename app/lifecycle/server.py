@@ -145,6 +145,8 @@ def build_server(
     app = create_app(settings, tracer_provider=tracer_provider)
     if drain is None:
         drain = Drain(settings.server, InFlight())
+    in_flight = drain.in_flight
+    app.state.admission.closing = lambda: in_flight.close_connections
     # Added last, so outermost: it sees every request, and its 503 passes no other middleware's error handling.
     app.add_middleware(InFlightMiddleware, in_flight=drain.in_flight)
     config = uvicorn.Config(

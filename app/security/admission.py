@@ -29,6 +29,9 @@ class Admission:
         self.in_flight = 0
         self.shed_total = 0
         self._on_shed: Callable[[], None] | None = None
+        # Set by the drain: answers given in the protocol (shed 503s, /healthz) then close their connection too,
+        # as every answer from the app does, so keep-alive clients reconnect through the updated endpoints.
+        self.closing: Callable[[], bool] = lambda: False
         err = OverloadedError(f"more than {limit} requests in flight", retry_after_s=retry_after_s)
         # Rendered once: the shed path runs thousands of times a second in a burst and must stay cheap.
         self._body = orjson.dumps(

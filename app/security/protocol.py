@@ -139,13 +139,14 @@ class GatewayProtocol(HttpToolsProtocol):
         cycle.message_event.set()
         parts = [head, *(b"%s: %s\r\n" % header for header in self.server_state.default_headers)]
         parts.append(b"x-request-id: %s\r\n" % _request_id())
-        if not cycle.keep_alive:
+        close = not cycle.keep_alive or (self.admission is not None and self.admission.closing())
+        if close:
             parts.append(b"connection: close\r\n")
         parts.append(b"\r\n")
         if cycle.scope["method"] != "HEAD":
             parts.append(body)
         self.transport.write(b"".join(parts))
-        if not cycle.keep_alive:
+        if close:
             self.transport.close()
         # As uvicorn's run_asgi does when a request ends: the cycle's hook back to this protocol is a reference
         # cycle that only the garbage collector would break, and in a burst its pauses stall the loop.
