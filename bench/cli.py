@@ -36,7 +36,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", const="quick", dest="profile", help="under 3 minutes")
-    mode.add_argument("--profile", choices=sorted(PROFILES), default="full", help="full (default), quick, smoke")
+    mode.add_argument("--profile", choices=sorted(PROFILES), help="full (the default), quick, smoke")
+    p.set_defaults(profile="full")
     p.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of: " + ", ".join(SCENARIOS)
     )

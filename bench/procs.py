@@ -166,6 +166,19 @@ class Service:
         times = psutil.Process(self.pid).cpu_times()
         return float(times.user + times.system)
 
+    def children_cpu_seconds(self) -> float:
+        """CPU time (user + system) of every descendant (worker processes), also those that exited and were reaped
+        by the process or one of its descendants (a pool's replaced workers)."""
+        root = psutil.Process(self.pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.children_user + times.children_system
+                if proc.pid != root.pid:
+                    total += times.user + times.system
+        return total
+
     def rss_bytes(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
 
