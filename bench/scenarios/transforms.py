@@ -39,7 +39,7 @@ def compute_limits() -> dict[str, int]:
 
 JOB_TARGET_S = 0.05  # calibrate the pure-Python job to about this long
 CONNECTIONS = 4  # two jobs per worker in flight at most: both cores busy, none idle waiting
-PROFILE_S = 2.0
+PROFILE_S = 1.0
 
 
 def npy_bytes(array: np.ndarray[Any, Any]) -> bytes:
@@ -123,16 +123,16 @@ def run(bench: Bench) -> dict[str, Any]:
 def shm_vs_pickle(bench: Bench, name: str, setting: str) -> dict[str, Any]:
     p = bench.profile
     modes = {"shm": 1, "pickle": 2**50}
-    variants = {
-        mode: bench.start(
-            [VARIANTS["gateway"]],
-            {},
-            tag=f"-{mode}",
-            limits={"max_body_bytes": BODY_LIMIT},
-            compute={"enabled": True, "workers": 1, setting: threshold, **compute_limits()},
-        )["gateway"]
-        for mode, threshold in modes.items()
-    }
+    variants = bench.start_gateways(
+        {
+            mode: {
+                "tag": f"-{mode}",
+                "limits": {"max_body_bytes": BODY_LIMIT},
+                "compute": {"enabled": True, "workers": 1, setting: threshold, **compute_limits()},
+            }
+            for mode, threshold in modes.items()
+        }
+    )
     out: dict[str, Any] = {"transform": name, "setting": setting, "sizes": {}}
     for mb in p.transform_mb:
         array = np.linspace(0.0, 1.0, mb * 2**20 // 8, dtype=np.float64)
@@ -214,15 +214,18 @@ def calibrate(v: Variant, name: str, npy_ok: bool) -> tuple[str, int, float, byt
 def workers(bench: Bench, name: str, *, npy_ok: bool) -> dict[str, Any]:
     p = bench.profile
     variants = {
-        w: bench.start(
-            [VARIANTS["gateway"]],
-            {},
-            tag=f"-w{w}",
+        int(key): v
+        for key, v in bench.start_gateways(
+            {
+                str(w): {
+                    "tag": f"-w{w}",
+                    "limits": {"max_body_bytes": BODY_LIMIT},
+                    "compute": {"enabled": True, "workers": w, **compute_limits()},
+                }
+                for w in (1, 2)
+            },
             unpinned=True,
-            limits={"max_body_bytes": BODY_LIMIT},
-            compute={"enabled": True, "workers": w, **compute_limits()},
-        )["gateway"]
-        for w in (1, 2)
+        ).items()
     }
     shape, n, job_s, body, ctype = calibrate(variants[1], name, npy_ok)
     path = bench.body_file("python-transform", body)
