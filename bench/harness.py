@@ -186,6 +186,14 @@ class Bench:
                 variant.service.pin(self.pinning.server)
         return variants
 
+    def stop(self, variants: Iterable[Variant]) -> None:
+        """Stop several variants at once: SIGTERM to each, then wait for each."""
+        services = [v.service for v in variants]
+        for service in services:
+            service.signal_stop()
+        for service in services:
+            service.stop()
+
     # -- measurements --
     def scrape(self, variant: Variant) -> promtext.Samples | None:
         if variant.metrics_url is None:

@@ -95,8 +95,7 @@ def run(bench: Bench) -> dict[str, Any]:
                 f"  executor {size} round {rnd + 1}: ceiling {r['rps']:.0f} req/s; saturated at {rate:.0f} req/s: "
                 f"loop lag p99 {s.get('loop_lag_p99_ms')} ms, {s.get('source_failures')} sources refused or late"
             )
-    for v in variants.values():
-        v.service.stop()
+    bench.stop(variants.values())
 
     def summarize(runs: dict[int, list[dict[str, Any]]]) -> dict[int, dict[str, Any]]:
         return {

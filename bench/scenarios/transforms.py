@@ -170,8 +170,7 @@ def shm_vs_pickle(bench: Bench, name: str, setting: str) -> dict[str, Any]:
         shm_gateway.service.pid, PROFILE_S, load, bench.workdir.parent / f"profile-gateway-transform-{biggest}mb.txt"
     )
     out["profile"]["mb"] = biggest
-    for v in variants.values():
-        v.service.stop()
+    bench.stop(variants.values())
     return out
 
 
@@ -238,8 +237,7 @@ def workers(bench: Bench, name: str, *, npy_ok: bool) -> dict[str, Any]:
             )
             r["workers_core_share"] = round((v.service.children_cpu_seconds() - before) / p.workers_s, 2)
             runs[w].append(r)
-    for v in variants.values():
-        v.service.stop()
+    bench.stop(variants.values())
     rps = {w: [r["rps"] for r in rs] for w, rs in runs.items()}
     ratio = spread([b / a for a, b in zip(rps[1], rps[2], strict=True) if a > 0])
     lag = spread([r["loop_lag_p99_ms"] for r in runs[2] if r.get("loop_lag_p99_ms") is not None])
