@@ -15,12 +15,13 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from bench.harness import PROFILES, Bench
 from bench.procs import Pinning, Service, free_port
 from bench.stats import fmt_spread, paired_ratio, spread
 from bench.tools import ensure_tools
-from bench.variants import VARIANTS, Variant, aggregate_body, gateway_config, toml, upstream_names
+from bench.variants import GATEWAY_ENV, VARIANTS, Variant, aggregate_body, toml, upstream_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,6 +32,17 @@ def export(rev: str, into: Path) -> Path:
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "app"], capture_output=True, check=True)
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive.stdout, check=True)
     return into
+
+
+def minimal_config(upstreams: dict[str, str]) -> dict[str, Any]:
+    """Only settings every revision has, so that both builds read the same file (loop, metrics and logs at their
+    defaults: uvloop, on, JSON)."""
+    return {
+        "server": {"host": "127.0.0.1", "log_format": "json"},
+        "http": {"max_connections": 1024, "max_in_flight": 1024},
+        "compute": {"enabled": False},
+        "upstreams": {name: {"base_url": url, "max_concurrency": 512} for name, url in upstreams.items()},
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -54,22 +66,20 @@ def main(argv: list[str] | None = None) -> int:
             upstream = bench.upstream(0)
             variants: dict[str, Variant] = {}
             for name, tree in trees.items():
-                port, admin = free_port(), free_port()
+                port = free_port()
                 config = work / f"{len(variants)}.toml"
-                config.write_text(
-                    toml(gateway_config(upstream_names(args.n, upstream), loop="uvloop", admin_port=admin))
-                )
+                config.write_text(toml(minimal_config(upstream_names(args.n, upstream))))
                 # `python -m app` from the tree's folder imports that tree's app package.
                 argv_ = [
                     "bash",
                     "-c",
                     f"cd {tree} && exec {sys.executable} -m app serve --config {config} --port {port}",
                 ]
-                service = Service(f"ab-{len(variants)}", argv_, cpus=pinning.every,
-                                  health_url=f"http://127.0.0.1:{port}/readyz", log_dir=work)  # fmt: skip
+                health = f"http://127.0.0.1:{port}/readyz"
+                service = Service(f"ab-{len(variants)}", argv_, cpus=pinning.every, health_url=health, log_dir=work,
+                                  env=GATEWAY_ENV)  # fmt: skip
                 bench.own(service.start())
-                variants[name] = Variant(VARIANTS["gateway"], service, f"http://127.0.0.1:{port}",
-                                         f"http://127.0.0.1:{admin}/metrics")  # fmt: skip
+                variants[name] = Variant(VARIANTS["gateway"], service, f"http://127.0.0.1:{port}")
             for v in variants.values():
                 v.service.wait_ready()
                 v.service.pin(pinning.server)

@@ -7,6 +7,7 @@ import datetime
 import os
 import shlex
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,7 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_const", const="quick", dest="profile", help="under 3 minutes")
-    mode.add_argument("--profile", choices=sorted(PROFILES), default="full", help="full (default), quick, smoke")
+    mode.add_argument("--profile", choices=sorted(PROFILES), help="full (the default), quick, smoke")
+    p.set_defaults(profile="full")
     p.add_argument(
         "--scenarios", default=",".join(SCENARIOS), help="comma-separated subset of: " + ", ".join(SCENARIOS)
     )
@@ -45,6 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-docs", action="store_true", help="write no markdown report (JSON only)")
     p.add_argument("--no-install", action="store_true", help="never apt-get missing tools; fall back instead")
     p.add_argument("--keep-logs", action="store_true", help="keep every process's log in the results folder")
+    p.add_argument("--build-label", help="what is measured, for the report (default: git describe of this tree)")
     return p
 
 
@@ -78,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
         bench.notes.append("nginx is not installed: the zero-latency upstream is the uvloop server at 0 ms.")
     failed: list[str] = []
     with bench.stack:
+        if "database" in chosen and "fanout" in chosen:
+            database.prestart(bench)  # initdb overlaps the fan-out variants' start-up, which is not measured
         for key in chosen:
             say(f"scenario {key}")
             try:
@@ -93,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
         "machine": info,
         "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+        "build": args.build_label or build_label(),
         "pinning": pinning.describe(),
         "closed_loop_tool": "wrk" if tools.get("wrk") else "the harness's generator (closed-loop mode)",
         "zero_upstream": "nginx (Debian, one worker, answer from config)" if tools.get("nginx") else "uvloop server",
@@ -112,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     say(f"results in {out / 'results.json'}")
     return 1 if failed else 0
+
+
+def build_label() -> str:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, timeout=10, check=False
+        )
+    except OSError:
+        return "unknown"
+    return done.stdout.decode().strip() or "unknown (not a git checkout)"
 
 
 def closing_notes(bench: Bench, failed: list[str]) -> list[str]:

@@ -15,7 +15,7 @@ from typing import Any
 from bench import promtext
 from bench.procs import Pinning, Service, free_port, http_request
 from bench.upstreams.nginx import nginx_command
-from bench.variants import Variant, VariantSpec, start_variant
+from bench.variants import VARIANTS, Variant, VariantSpec, start_variant
 from bench.wrk import run_wrk
 
 
@@ -54,9 +54,9 @@ PROFILES = {
         db_sizes=(1, 4, 16, 32),
         db_s=1,
         transform_mb=(1, 64),
-        transform_reps=2,
-        workers_s=2,
-        overload_s=8,
+        transform_reps=1,
+        workers_s=1.5,
+        overload_s=6,
         drain_load_s=2,
     ),
     "full": Profile(
@@ -120,6 +120,7 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     _upstreams: dict[str, str] = field(default_factory=dict)
+    background: dict[str, Any] = field(default_factory=dict)  # resources started ahead of their scenario
 
     # -- services --
     def own(self, service: Service) -> Service:
@@ -168,6 +169,30 @@ class Bench:
             if not unpinned:
                 variant.service.pin(self.pinning.server)
         return variants
+
+    def start_gateways(self, configs: dict[str, dict[str, Any]], *, unpinned: bool = False) -> dict[str, Variant]:
+        """Several gateways with their own config sections (``{key: {"tag": ..., "compute": {...}}}``), started at
+        once and waited for together."""
+        spec = VARIANTS["gateway"]
+        variants = {
+            key: start_variant(spec, {}, cpus=self.pinning.every, workdir=self.workdir, **kw)
+            for key, kw in configs.items()
+        }
+        for variant in variants.values():
+            self.own(variant.service)
+        for variant in variants.values():
+            variant.service.wait_ready(timeout=90)
+            if not unpinned:
+                variant.service.pin(self.pinning.server)
+        return variants
+
+    def stop(self, variants: Iterable[Variant]) -> None:
+        """Stop several variants at once: SIGTERM to each, then wait for each."""
+        services = [v.service for v in variants]
+        for service in services:
+            service.signal_stop()
+        for service in services:
+            service.stop()
 
     # -- measurements --
     def scrape(self, variant: Variant) -> promtext.Samples | None:

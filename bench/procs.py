@@ -110,6 +110,7 @@ class Service:
         self.env = env
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_seconds: float | None = None
+        self._signalled = False
 
     def start(self) -> Service:
         prefix = ["taskset", "-c", self.cpus] if self.cpus else []
@@ -166,6 +167,19 @@ class Service:
         times = psutil.Process(self.pid).cpu_times()
         return float(times.user + times.system)
 
+    def children_cpu_seconds(self) -> float:
+        """CPU time (user + system) of every descendant (worker processes), also those that exited and were reaped
+        by the process or one of its descendants (a pool's replaced workers)."""
+        root = psutil.Process(self.pid)
+        total = 0.0
+        for proc in [root, *root.children(recursive=True)]:
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.children_user + times.children_system
+                if proc.pid != root.pid:
+                    total += times.user + times.system
+        return total
+
     def rss_bytes(self) -> int:
         return int(psutil.Process(self.pid).memory_info().rss)
 
@@ -180,7 +194,7 @@ class Service:
         """SIGTERM, then the seconds until the process exited (None if it did not within ``timeout``)."""
         assert self.proc is not None
         started = time.monotonic()
-        self.proc.send_signal(signal.SIGTERM)
+        self.signal_stop()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -188,11 +202,17 @@ class Service:
         self.exit_seconds = time.monotonic() - started
         return self.exit_seconds
 
+    def signal_stop(self) -> None:
+        """SIGTERM without waiting (stop() then waits). Once only: a second SIGTERM cuts a gateway's drain short."""
+        if self.proc is not None and self.proc.poll() is None and not self._signalled:
+            self._signalled = True
+            self.proc.send_signal(signal.SIGTERM)
+
     def stop(self, timeout: float = 15.0) -> None:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        self.signal_stop()
         try:
             proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:

@@ -34,6 +34,7 @@ def markdown(bench: Bench, meta: dict[str, Any], sections: list[tuple[str, Secti
         "",
         f"- **Command:** `{meta['command']}` ({meta['profile']} profile, {meta['elapsed_s'] / 60:.1f} min)",
         f"- **Date:** {meta['date']}",
+        f"- **Build:** {meta.get('build', 'unknown')}",
         f"- **Machine:** {m['cpu_model']}, {m['cpus_usable']} usable CPUs, {m['memory_gib']} GiB, {m['os']}, "
         f"kernel {m['kernel']}, Python {m['python']}",
         f"- **Load average** at start {m['load_average_at_start']}, at end {meta['load_average_at_end']} "

@@ -100,8 +100,7 @@ def run(bench: Bench) -> dict[str, Any]:
         bench.workdir.parent / f"profile-gateway-fanout-n{n}.txt",
     )
     result["profile"]["n"] = n
-    for v in variants.values():
-        v.service.stop()
+    bench.stop(variants.values())
     goals(bench, result)
     return result
 

@@ -43,8 +43,7 @@ def run(bench: Bench) -> dict[str, Any]:
             )
         # The upstream alone, at the same rate of single calls: what 20 ms looks like through this generator.
         runs["direct"].append(bench.loadgen(f"{slow}/item/0", None, seconds=p.open_s, rate=rate, warmup=0.5))
-    for v in variants.values():
-        v.service.stop()
+    bench.stop(variants.values())
 
     summary: dict[str, Any] = {}
     for key, rs in runs.items():

@@ -11,9 +11,16 @@ from pathlib import Path
 import pytest
 
 from bench import promtext
+from bench.cli import _parser
 from bench.procs import Service, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_full_profile_is_the_default() -> None:
+    assert _parser().parse_args([]).profile == "full"
+    assert _parser().parse_args(["--quick"]).profile == "quick"
+    assert _parser().parse_args(["--profile", "smoke"]).profile == "smoke"
 
 
 def test_histogram_quantile_interpolates_within_the_bucket() -> None:
