@@ -8,13 +8,13 @@ import time
 from collections.abc import Callable, Iterator
 
 import aiohttp
-import psycopg2
 import pytest
 
 from app.demo.postgres import EmbeddedPostgres, load_demo_seed, seed
 from tests.faults.support import aggregate, config, healthz_ms, serve
 from tests.security.conftest import metric
 from tests.support.gateway import GatewayProcess
+from tests.support.postgres import active_gateway_queries
 
 QUERIES = {
     "sleep": {"sql": "SELECT true AS slept FROM pg_sleep(%(s)s)", "params": {"s": "float"}, "timeout_ms": 30_000},
@@ -39,18 +39,6 @@ def gateway(pg: EmbeddedPostgres, tmp_path_factory: pytest.TempPathFactory) -> I
     )
     with serve(tmp_path_factory.mktemp("dbfaults"), data, env={"GATEWAY_DATABASE_URL": pg.dsn}) as gw:
         yield gw
-
-
-def active_gateway_queries(dsn: str) -> int:
-    conn = psycopg2.connect(dsn)
-    try:
-        with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gateway' AND state = 'active'")
-            row = cur.fetchone()
-            assert row is not None
-            return int(row[0])
-    finally:
-        conn.close()
 
 
 async def wait_until(predicate: Callable[[], bool], what: str, within_s: float = 10.0) -> None:

@@ -60,3 +60,16 @@ def isolated_schema(url: str, seed_sql: str) -> Iterator[str]:
         with conn.cursor() as cur:
             cur.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
         conn.close()
+
+
+def active_gateway_queries(dsn: str) -> int:
+    """Queries of the gateway (application_name 'gateway') running on the server now."""
+    conn = psycopg2.connect(dsn)
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gateway' AND state = 'active'")
+            row = cur.fetchone()
+            assert row is not None
+            return int(row[0])
+    finally:
+        conn.close()
