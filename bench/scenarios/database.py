@@ -89,7 +89,7 @@ def run(bench: Bench) -> dict[str, Any]:
             r = bench.closed(v, fast, seconds=p.db_s, connections=CONNECTIONS)
             ceiling[size].append(r)
             rate = OVERSUBSCRIBE * size / SLOW_S
-            s = bench.open(v, slow, rate=rate, seconds=max(1.5, p.db_s), warmup=SLOW_S * 3)
+            s = bench.open(v, slow, rate=rate, seconds=max(1.0, p.db_s), warmup=SLOW_S * 2)
             saturated[size].append(s)
             bench.say(
                 f"  executor {size} round {rnd + 1}: ceiling {r['rps']:.0f} req/s; saturated at {rate:.0f} req/s: "
