@@ -56,7 +56,7 @@ PROFILES = {
         db_s=1,
         transform_mb=(1, 64),
         transform_reps=1,
-        workers_s=1.5,
+        workers_s=2,
         overload_s=6,
         drain_load_s=2,
         open_warmup_s=0.25,
@@ -249,7 +249,8 @@ class Bench:
             "requests": requests,
             "errors": errors,
             "cpu_us_per_req": round((cpu1 - cpu0) / requests * 1e6, 1) if requests else None,
-            "cpu_util": round((cpu1 - cpu0) / seconds, 3),
+            "cpu_util": round((cpu1 - cpu0) / elapsed, 3),
+            "elapsed_s": round(elapsed, 3),
             **self._interference(core1 - core0 - (cpu1 - cpu0), elapsed),
         }
         out.update(self.gateway_window(variant, before))
