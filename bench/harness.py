@@ -37,6 +37,7 @@ class Profile:
     overload_s: float
     drain_load_s: float
     connections: int = 32
+    open_warmup_s: float = 0.5  # before each open-loop measurement (connections opened, not recorded)
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     fanout_variants: tuple[str, ...] = ("gateway", "gateway-asyncio", "floor", "fastapi", "threaded")
 
@@ -55,9 +56,10 @@ PROFILES = {
         db_s=1,
         transform_mb=(1, 64),
         transform_reps=1,
-        workers_s=1.5,
+        workers_s=2,
         overload_s=6,
         drain_load_s=2,
+        open_warmup_s=0.25,
     ),
     "full": Profile(
         "full",
@@ -247,7 +249,8 @@ class Bench:
             "requests": requests,
             "errors": errors,
             "cpu_us_per_req": round((cpu1 - cpu0) / requests * 1e6, 1) if requests else None,
-            "cpu_util": round((cpu1 - cpu0) / seconds, 3),
+            "cpu_util": round((cpu1 - cpu0) / elapsed, 3),
+            "elapsed_s": round(elapsed, 3),
             **self._interference(core1 - core0 - (cpu1 - cpu0), elapsed),
         }
         out.update(self.gateway_window(variant, before))
@@ -340,9 +343,10 @@ class Bench:
         rate: float,
         seconds: float,
         path: str = "/aggregate",
-        warmup: float = 0.5,
+        warmup: float | None = None,
     ) -> dict[str, Any]:
         """Open loop at ``rate``: latency percentiles measured from each request's intended send time."""
+        warmup = self.profile.open_warmup_s if warmup is None else warmup
         before = self.scrape(variant)
         cpu0, core0, t0 = variant.service.cpu_seconds(), self.pinning.server_busy_s(), time.monotonic()
         g = self.loadgen(variant.url + path, body, seconds=seconds, rate=rate, warmup=warmup)

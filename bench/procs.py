@@ -85,6 +85,19 @@ def http_request(
         return err.code, err.read(), {k.lower(): v for k, v in err.headers.items()}
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections dropped because a listen queue was full (TcpExt ListenOverflows,
+    machine-wide), or 0 where /proc/net/netstat is not readable."""
+    try:
+        lines = Path("/proc/net/netstat").read_text().splitlines()
+    except OSError:
+        return 0
+    for names, values in zip(lines[::2], lines[1::2], strict=False):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split(), strict=False)).get("ListenOverflows", 0))
+    return 0
+
+
 class ServiceFailed(RuntimeError):
     pass
 

@@ -42,7 +42,7 @@ def run_wrk(
     Raises RuntimeError when wrk fails or prints no result."""
     script = body_file.with_suffix(".lua")
     script.write_text(SCRIPT.format(body=body_file, method=method, content_type=content_type))
-    duration = max(1, round(seconds))
+    duration = max(1, round(seconds))  # wrk takes whole seconds
     cmd = [
         *cpus_prefix,
         wrk,

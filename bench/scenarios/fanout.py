@@ -143,7 +143,7 @@ def why(result: dict[str, Any]) -> str:
 
 REMEDY = (
     "serve /aggregate on a lean ASGI path (no per-request middleware closures, routing or dependency solving; "
-    "the body is already parsed and validated in one pass), and trim the per-source path: one deadline timer per "
+    "the body parsed and validated by pydantic in one pass), and trim the per-source path: one deadline timer per "
     "request instead of one per source, metric children resolved once per upstream, trace headers without a "
     "context manager per source. Measure each step with `python -m bench.ab --against <rev>`, whose A/A control "
     "shows what this machine's noise is."

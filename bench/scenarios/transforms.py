@@ -235,7 +235,7 @@ def workers(bench: Bench, name: str, *, npy_ok: bool) -> dict[str, Any]:
             r = bench.closed(
                 v, path, seconds=p.workers_s, path=f"/transform/{name}", connections=CONNECTIONS, content_type=ctype
             )
-            r["workers_core_share"] = round((v.service.children_cpu_seconds() - before) / p.workers_s, 2)
+            r["workers_core_share"] = round((v.service.children_cpu_seconds() - before) / r["elapsed_s"], 2)
             runs[w].append(r)
     bench.stop(variants.values())
     rps = {w: [r["rps"] for r in rs] for w, rs in runs.items()}
