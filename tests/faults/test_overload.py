@@ -1,10 +1,16 @@
 """A burst far beyond capacity against a real `gateway serve`: 5,000 connections at once, each asking for an
-aggregate whose upstream takes 300 ms, while at most 64 requests may be in flight.
+aggregate whose upstream takes one second, while at most 64 requests may be in flight.
 
 What must hold: the gateway stays up; /healthz, probed all along on a connection of its own, answers within 100 ms
 (p99); a request arriving during the burst is refused 503 + Retry-After at once (a cheap GET probed the same
-way), and so is every one of the excess, instead of queueing until a timeout; the admitted requests finish in about the
-upstream's time; memory stays bounded; afterwards the gateway serves normally. The numbers are printed (run with
+way), and so is every one of the excess, instead of queueing until a slot frees or the deadline passes; the admitted
+requests finish, as the gateway times them, in about the upstream's time; memory stays bounded; afterwards the
+gateway serves normally.
+
+The burst's own timings start when the kernel completes a connection, so they include the time the connection
+waited in the listen queue before the gateway accepted it: a connection accepted late in the burst and then
+admitted is answered after that wait plus the upstream's second. That is why the admitted requests' latency is read
+from the gateway's own histogram, and the client-side figures are reported but bound only loosely. The numbers are printed (run with
 -s) and recorded in the README, "Overload behaviour".
 
 The probers and the burst are processes of their own. The burst runs at a lower priority: on this one machine it
@@ -30,7 +36,7 @@ from tests.support.upstream import Behavior, UpstreamServer
 
 CONNECTIONS = 5000
 IN_FLIGHT = 64
-UPSTREAM_LATENCY_S = 0.3
+UPSTREAM_LATENCY_S = 1.0
 SOURCES = {"s": {"upstream": "slow", "path": "/work"}}
 BODY = json.dumps({"sources": SOURCES, "deadline_ms": 3000})
 
@@ -138,9 +144,13 @@ async def test_burst_far_beyond_capacity(gateway: GatewayProcess, upstream: Upst
     assert {status for status, _ in probes} == {200}
     assert report["healthz_p99_ms"] < 100, "the event loop keeps answering /healthz"
     assert len(refused) >= 10, "the excess prober ran into the limit during the burst"
-    assert report["shed_probe_p99_ms"] < 100, "the excess is refused at once, not queued"
-    assert result["answer_max_ms"]["503"] < 2000, "no refusal waited for capacity (the deadline is 3 s)"
-    assert result["answer_max_ms"]["200"] < 2000, "admitted requests keep a bounded latency"
+    # Queued for a slot, a probe would wait for an upstream call to end: half a second on average.
+    assert report["shed_probe_p99_ms"] < 250, "the excess is refused at once, not queued"
+    assert result["answer_max_ms"]["503"] < 3000, "no refusal waited out the deadline"
+    admitted = metric(text, "gateway_http_request_duration_seconds_count", route="/aggregate", method="POST")
+    in_time = metric(text, "gateway_http_request_duration_seconds_bucket", route="/aggregate", method="POST", le="2.5")
+    assert admitted == 1 + counts["200"] + IN_FLIGHT, "warm-up, burst and after: the shed are not in the histogram"
+    assert in_time == admitted, "every admitted request ended in about the upstream's second, none at the deadline"
     assert report["rss_peak_mib"] - baseline < 200, "memory stays bounded"
     assert all(b["complete"] for _, b, _ in after), "afterwards it serves normally"
     shed_total = metric(text, "gateway_http_requests_shed_total", reason="in_flight")
