@@ -10,8 +10,8 @@ gateway serves normally.
 The burst's own timings start when the kernel completes a connection, so they include the time the connection
 waited in the listen queue before the gateway accepted it: a connection accepted late in the burst and then
 admitted is answered after that wait plus the upstream's second. That is why the admitted requests' latency is read
-from the gateway's own histogram, and the client-side figures are reported but bound only loosely. The numbers are printed (run with
--s) and recorded in the README, "Overload behaviour".
+from the gateway's own histogram, and the client-side figures are reported but bound only loosely. The numbers
+are printed (run with -s) and recorded in the README, "Overload behaviour".
 
 The probers and the burst are processes of their own. The burst runs at a lower priority: on this one machine it
 competes with the gateway for the same two cores, where real clients would be elsewhere.
