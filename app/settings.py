@@ -345,6 +345,9 @@ class ObservabilitySettings(_Section):
 class DiagnosticsSettings(_Section):
     dump_signal: bool = Field(True, description="SIGUSR1 dumps every thread's stack and every task to the log.")
     tracemalloc_frames: int = Field(0, ge=0, le=64, description="Trace allocations with this many frames; 0: off.")
+    task_census_interval_s: float = Field(
+        1.0, gt=0, le=60, description="How often tasks are counted for /debug/tasks; each age is within this."
+    )
 
 
 class Settings(BaseSettings):

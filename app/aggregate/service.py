@@ -74,8 +74,7 @@ def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, probl
         problems.add(f"{loc}.upstream", f"unknown upstream '{spec.upstream}'", "unknown_upstream")
         return None
     try:
-        path = confine_path(spec.path)
-        join_url(upstream.base_url, path)
+        url = join_url(upstream.base_url, confine_path(spec.path))
     except (UnsafePathError, UnicodeDecodeError) as exc:
         problems.add(f"{loc}.path", str(exc), "unsafe_path")
         return None
@@ -86,7 +85,7 @@ def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, probl
         )
         return None
     params = {k: _text(v) for k, v in spec.params.items()}
-    return UpstreamPlan(spec.upstream, Outbound(spec.method, path, params, spec.body, dict(spec.headers)))
+    return UpstreamPlan(spec.upstream, Outbound(spec.method, url, params, spec.body, dict(spec.headers)))
 
 
 def plan_request(settings: Settings, request: AggregateRequest) -> dict[str, Plan]:
@@ -239,6 +238,10 @@ class Aggregator:
         kind = "upstream" if isinstance(plan, UpstreamPlan) else "query"
         if self._tracing is None:
             out[name] = await self._run_source(name, plan, deadline, headers)
+            return
+        if not self._tracing.enabled:
+            traced = {**headers, "traceparent": self._tracing.traceparent(self._scope)}
+            out[name] = await self._run_source(name, plan, deadline, traced)
             return
         with self._tracing.source_span(self._scope, name, kind) as (trace_headers, span):
             out[name] = result = await self._run_source(name, plan, deadline, {**headers, **trace_headers})

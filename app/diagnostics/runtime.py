@@ -26,7 +26,7 @@ class Diagnostics:
     def __init__(self, settings: DiagnosticsSettings, state: GatewayState) -> None:
         self._settings = settings
         self._state = state
-        self.task_ages = TaskAges()
+        self.task_ages = TaskAges(settings.task_census_interval_s)
         self.profiler = LoopProfiler()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._started_tracemalloc = False
@@ -37,7 +37,7 @@ class Diagnostics:
         if not faulthandler.is_enabled():
             # A fatal signal (SIGSEGV in a C extension, say) dumps every thread's stack to stderr.
             faulthandler.enable(file=sys.stderr, all_threads=True)
-        self.task_ages.install(self._loop)
+        self.task_ages.start()
         if self._settings.tracemalloc_frames > 0 and not tracemalloc.is_tracing():
             tracemalloc.start(self._settings.tracemalloc_frames)
             self._started_tracemalloc = True
@@ -104,6 +104,6 @@ class Diagnostics:
         if self._signal_installed:
             faulthandler.unregister(DUMP_SIGNAL)
             loop.remove_signal_handler(DUMP_SIGNAL)
-        self.task_ages.uninstall(loop)
+        await self.task_ages.aclose()
         if self._started_tracemalloc:
             tracemalloc.stop()

@@ -166,6 +166,8 @@ class UpstreamMetrics:
         self._transitions = Counter(
             "gateway_upstream_breaker_transitions", "Breaker state changes.", ["upstream", "to"], registry=r
         )
+        self._wait_children: dict[str, Histogram] = {}
+        self._latency_children: dict[tuple[str, str], Histogram] = {}
 
     def prime(self, upstreams: Iterable[str]) -> None:
         for name in upstreams:
@@ -175,10 +177,18 @@ class UpstreamMetrics:
                 self._transitions.labels(name, state)
 
     def semaphore_wait(self, upstream: str, seconds: float) -> None:
-        self._wait.labels(upstream).observe(seconds)
+        child = self._wait_children.get(upstream)
+        if child is None:
+            child = self._wait_children[upstream] = self._wait.labels(upstream)
+        child.observe(seconds)
 
     def attempt(self, upstream: str, outcome: str, seconds: float) -> None:
-        self._latency.labels(upstream, outcome).observe(seconds)
+        # Twice per call on the hot path: the labelled child is looked up once (labels() takes a lock and
+        # validates), then kept. Both keys come from the config and a fixed set of outcomes: bounded.
+        child = self._latency_children.get((upstream, outcome))
+        if child is None:
+            child = self._latency_children[upstream, outcome] = self._latency.labels(upstream, outcome)
+        child.observe(seconds)
 
     def retry(self, upstream: str) -> None:
         self._retries.labels(upstream).inc()

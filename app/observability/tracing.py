@@ -9,8 +9,8 @@ and one per source, carrying the outcome and the attempts, exported over OTLP/HT
 from __future__ import annotations
 
 import contextlib
+import random
 import re
-import secrets
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 _TRACEPARENT = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _STATE_KEY = "trace"
+_random = random.Random()
 
 
 def _incoming(scope: Scope) -> tuple[str, str]:
@@ -38,7 +39,7 @@ def _incoming(scope: Scope) -> tuple[str, str]:
     if match and match.group(1) != "0" * 32 and match.group(2) != "0" * 16:
         result = (match.group(1), match.group(3))
     else:
-        result = (secrets.token_hex(16), "00")
+        result = (f"{_random.getrandbits(128) or 1:032x}", "00")
     state[_STATE_KEY] = result
     return result
 
@@ -84,12 +85,20 @@ class Tracing:
             finally:
                 context.detach(token)
 
+    @staticmethod
+    def traceparent(scope: Scope) -> str:
+        """Without OpenTelemetry: this request's trace id and a new span id, for one source's upstream call.
+
+        Span ids need to be unique, not secret (OpenTelemetry's own SDK draws them from ``random`` too): no system
+        call per source."""
+        trace_id, flags = _incoming(scope)
+        return f"00-{trace_id}-{_random.getrandbits(64) or 1:016x}-{flags}"
+
     @contextlib.contextmanager
     def source_span(self, scope: Scope, source: str, kind: str) -> Iterator[tuple[dict[str, str], Span | None]]:
         """A span for one source, and the headers that carry it to the upstream."""
         if self._tracer is None:
-            trace_id, flags = _incoming(scope)
-            yield {"traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-{flags}"}, None
+            yield {"traceparent": self.traceparent(scope)}, None
             return
         from opentelemetry import propagate, trace
 

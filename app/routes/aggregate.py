@@ -108,21 +108,33 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
     connections, its queries are cancelled on the server) and raise ClientDisconnectedError.
 
     FastAPI does not cancel a handler whose client disconnected; the body is already read here, so the next
-    ASGI receive() returns only when the client disconnects.
+    ASGI receive() returns only when the client disconnects. The work runs in this task (no task per request for
+    it); one watcher task waits for the disconnect and cancels this task when it comes.
     """
-    work_task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_for_disconnect(request))
+    current = asyncio.current_task()
+    assert current is not None
+    disconnected = False
+
+    async def watch() -> None:
+        nonlocal disconnected
+        await _wait_for_disconnect(request)
+        disconnected = True
+        current.cancel()
+
+    watcher = asyncio.create_task(watch(), name="disconnect-watcher")
     try:
-        done, _ = await asyncio.wait({work_task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        return await work
+    except asyncio.CancelledError:
+        # Cancelled by the watcher, and by nothing else (the server's own cancellation, a drain timeout, stays
+        # a cancellation): that cancellation is spent here and becomes the disconnect.
+        if disconnected and current.uncancel() == 0:
+            raise ClientDisconnectedError("the client disconnected before the aggregate finished") from None
+        raise
     finally:
-        for task in (watcher, work_task):
-            if not task.done():
-                task.cancel()
-        # Wait for both to finish cancelling, so no task outlives the request.
-        await asyncio.gather(watcher, work_task, return_exceptions=True)
-    if work_task in done:
-        return work_task.result()
-    raise ClientDisconnectedError("the client disconnected before the aggregate finished")
+        if not watcher.done():
+            watcher.cancel()
+            # Wait for it to finish cancelling, so no task outlives the request.
+            await asyncio.wait({watcher})
 
 
 async def _wait_for_disconnect(request: Request) -> None:

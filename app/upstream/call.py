@@ -60,7 +60,7 @@ async def call_once(
         async with session.request(
             method,
             url,
-            params=params,
+            params=params or None,  # none: the URL is used as it is, not rebuilt
             data=data,
             headers=send_headers,
             timeout=timeout,
@@ -68,7 +68,7 @@ async def call_once(
         ) as resp:
             raw = await _read_capped(resp, upstream, max_bytes)
             status = resp.status
-            reply_headers = {k.lower(): v for k, v in resp.headers.items()}
+            reply_headers = resp.headers  # immutable and case-insensitive
     except TimeoutError as exc:
         raise UpstreamTimeoutError(f"{upstream} did not answer within {timeout_s * 1000:.0f} ms") from exc
     except aiohttp.ClientResponseError as exc:
@@ -106,6 +106,9 @@ async def _read_capped(resp: aiohttp.ClientResponse, upstream: str, max_bytes: i
         raise ResponseTooLargeError(
             f"{upstream} declared {declared} bytes, over the {max_bytes} byte cap", status=resp.status
         )
+    if declared is not None:
+        # A declared length within the cap: aiohttp reads exactly that much, and fails on a body that ends early.
+        return await resp.read()
     chunks: list[bytes] = []
     size = 0
     async for chunk in resp.content.iter_chunked(_READ_CHUNK):

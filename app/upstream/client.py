@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from yarl import URL
+
 from app.errors import (
     BadResponseError,
     CircuitOpenError,
@@ -21,7 +23,6 @@ from app.errors import (
 from app.settings import Settings, UpstreamConfig
 from app.upstream.breaker import BreakerState, CircuitBreaker
 from app.upstream.call import Reply, call_once
-from app.upstream.paths import join_url
 from app.upstream.retry import IDEMPOTENT_METHODS, RetryBudget, backoff_s, is_transient, parse_retry_after
 from app.upstream.session import HttpSession
 
@@ -59,7 +60,9 @@ class Progress:
 @dataclass(frozen=True)
 class Outbound:
     method: str
-    path: str  # already confined (app.upstream.paths.confine_path)
+    # Built by app.upstream.paths.join_url from the upstream's base URL and a confined path, when the request is
+    # planned: checked once there, never rebuilt per attempt.
+    url: URL
     params: Mapping[str, str] = field(default_factory=dict)
     body: Any = None
     headers: Mapping[str, str] = field(default_factory=dict)
@@ -194,7 +197,7 @@ class UpstreamClient:
                     self._http.session,
                     upstream=up.name,
                     method=out.method,
-                    url=join_url(up.config.base_url, out.path),
+                    url=out.url,
                     params=out.params,
                     body=out.body,
                     headers=send_headers,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from urllib.parse import quote, unquote
 
 from yarl import URL
@@ -39,12 +40,19 @@ def confine_path(path: str) -> str:
     return quote(decoded, safe=_SAFE)
 
 
+@functools.lru_cache(maxsize=256)
+def _base(base_url: str) -> tuple[tuple[str, str | None, int | None], str]:
+    """A configured base URL's origin and path, parsed once."""
+    base = URL(base_url)
+    return (base.scheme, base.host, base.port), base.raw_path
+
+
 def join_url(base_url: str, confined_path: str) -> URL:
     """Join a configured base URL and a confined path, and check the result stayed on the base's origin."""
-    base = URL(base_url)
+    origin, base_path = _base(base_url)
     url = URL(base_url + confined_path, encoded=True)
-    if (url.scheme, url.host, url.port) != (base.scheme, base.host, base.port):
+    if (url.scheme, url.host, url.port) != origin:
         raise UnsafePathError("path leaves the upstream's origin")
-    if not url.raw_path.startswith(base.raw_path.rstrip("/") + "/") and url.raw_path != base.raw_path:
+    if not url.raw_path.startswith(base_path.rstrip("/") + "/") and url.raw_path != base_path:
         raise UnsafePathError("path leaves the upstream's base path")
     return url

@@ -32,6 +32,9 @@ class HttpSession:
             # No session-wide timeout: every call gets its own, derived from the request's deadline.
             timeout=aiohttp.ClientTimeout(total=None),
             raise_for_status=False,
+            # No cookie jar: the session is shared by every client, and a cookie one upstream answer sets must
+            # never be sent on another client's call. (A jar also costs a cookie filter on every request.)
+            cookie_jar=aiohttp.DummyCookieJar(),
         )
 
     @property

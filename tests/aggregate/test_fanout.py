@@ -107,6 +107,21 @@ async def test_request_id_is_forwarded_and_echoed(upstream: UpstreamServer) -> N
     assert len(generated) == 32
 
 
+async def test_cookies_an_upstream_sets_never_reach_another_request(upstream: UpstreamServer) -> None:
+    # One client's upstream session must not ride along with the next client's call: the gateway keeps no cookie
+    # jar. By host name, since a jar ignores cookies from bare IP addresses anyway.
+    upstream.set("/login", Behavior(headers={"Set-Cookie": "session=alice-secret; Path=/"}))
+    upstream.set("/me", Behavior())
+    by_name = upstream.url.replace("127.0.0.1", "localhost")
+    settings = make_settings(upstreams={"a": upstream_cfg(by_name)})
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        status, body, _ = await post_aggregate(client, gw.url, {"login": {"upstream": "a", "path": "/login"}})
+        assert (status, body["complete"]) == (200, True)
+        await post_aggregate(client, gw.url, {"me": {"upstream": "a", "path": "/me"}})
+    (me,) = [r for r in upstream.requests if r.path == "/me"]
+    assert "cookie" not in me.headers
+
+
 async def test_client_disconnect_cancels_upstream_calls(upstream: UpstreamServer) -> None:
     upstream.set("/hang", Behavior(mode="hang"))
     settings = make_settings(upstreams={"a": upstream_cfg(upstream.url, timeout_ms=10_000)})
