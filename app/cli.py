@@ -157,4 +157,5 @@ def _serve(config: Path | None, host: str | None, port: int | None) -> int:
         settings.server.log_level, settings.server.log_format, access_log=settings.observability.access_log
     )
     _raise_fd_limit()
-    return serve(settings, early=early, on_ready=lambda _: freeze_startup_heap())
+    thresholds = settings.server.gc_thresholds
+    return serve(settings, early=early, on_ready=lambda _: freeze_startup_heap(thresholds))

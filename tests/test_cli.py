@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
 import psutil
 
 from tests.support.gateway import gateway_process
+from tests.support.net import free_port
 
 
 def test_serve_answers_and_stops_on_sigterm(tmp_path: Path, pg_dsn: str) -> None:
@@ -42,6 +44,32 @@ min_connections = 1
     assert "leaked" not in stderr
     lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
     assert any(entry.get("event") == "ready" for entry in lines)
+
+
+def test_serve_freezes_its_start_up_heap_and_sets_the_collector_thresholds(tmp_path: Path) -> None:
+    admin_port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"""
+[server]
+drain_delay_s = 0
+gc_thresholds = [3000, 15, 12]
+[compute]
+enabled = false
+[observability]
+admin_port = {admin_port}
+""")
+    with gateway_process(config, tmp_path) as gw:
+        deadline = time.monotonic() + 10
+        while True:  # set once the server is ready, which /readyz may report a moment before
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/debug/memory") as resp:
+                collector = json.load(resp)["gc"]
+            if collector["thresholds"] == [3000, 15, 12] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert gw.proc.poll() is None
+    assert collector["thresholds"] == [3000, 15, 12]
+    assert collector["frozen_objects"] > 10_000, "the start-up heap is out of the collector's sight"
+    assert len(collector["generations"]) == 3
 
 
 def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:

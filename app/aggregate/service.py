@@ -216,6 +216,7 @@ class Aggregator:
         self._scope: Scope = scope if scope is not None else {}
         # Flat merging needs each object's keys; large bodies then come back from the worker key by key.
         self._split_keys = split_keys
+        self._expired = False  # the request's deadline passed (run)
 
     async def run(
         self, plans: Mapping[str, Plan], deadline_s: float, *, headers: Mapping[str, str]
@@ -225,12 +226,31 @@ class Aggregator:
         The TaskGroup is the structured part: if this coroutine is cancelled (the client went away), every
         source task is cancelled with it, and upstream connections are closed.
         """
-        deadline = asyncio.get_running_loop().time() + deadline_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + deadline_s
         results: dict[str, SourceResult] = {}
-        async with asyncio.TaskGroup() as tg:
-            for name, plan in plans.items():
-                tg.create_task(self._one(name, plan, deadline, headers, results), name=f"source:{name}")
-        return {name: results[name] for name in plans}
+        tasks: list[asyncio.Task[None]] = []
+
+        def expire() -> None:
+            # One timer per request, not a timeout per source: what is still running now is cut short, and each
+            # source turns that cancellation into its own `deadline` result (_run_source).
+            self._expired = True
+            for task in tasks:
+                task.cancel()
+
+        started = time.perf_counter()
+        timer = loop.call_at(deadline, expire)
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for name, plan in plans.items():
+                    tasks.append(
+                        tg.create_task(self._one(name, plan, deadline, headers, results), name=f"source:{name}")
+                    )
+        finally:
+            timer.cancel()
+        # A source cancelled before its task first ran (a deadline already past) never got to write its result.
+        missed = DeadlineExceededError("the request's deadline passed before this source finished")
+        return {name: results[name] if name in results else _failed(missed, started, 1) for name in plans}
 
     async def _one(
         self, name: str, plan: Plan, deadline: float, headers: Mapping[str, str], out: dict[str, SourceResult]
@@ -252,17 +272,24 @@ class Aggregator:
         started = time.perf_counter()
         progress = Progress()
         try:
-            async with asyncio.timeout_at(deadline):
-                if isinstance(plan, UpstreamPlan):
-                    result = await self._upstreams.call(
-                        plan.upstream, plan.out, deadline=deadline, headers=headers, progress=progress
-                    )
-                    data = await self._decode(plan, result)
-                    status, attempts = result.status, result.attempts
-                else:
-                    progress.attempts = 1
-                    status, data, attempts = None, select(await self._query(plan, deadline), plan.fields), 1
+            if isinstance(plan, UpstreamPlan):
+                result = await self._upstreams.call(
+                    plan.upstream, plan.out, deadline=deadline, headers=headers, progress=progress
+                )
+                data = await self._decode(plan, result)
+                status, attempts = result.status, result.attempts
+            else:
+                progress.attempts = 1
+                status, data, attempts = None, select(await self._query(plan, deadline), plan.fields), 1
             return _ok(status, data, started, attempts)
+        except asyncio.CancelledError:
+            # The request's deadline timer (run) cancels once; a cancellation from anywhere else (the client went
+            # away, the server is cutting the drain short) stays a cancellation, as asyncio.timeout() does it.
+            task = asyncio.current_task()
+            if not self._expired or task is None or task.uncancel() > 0:
+                raise
+            err = DeadlineExceededError("the request's deadline passed before this source finished")
+            return _failed(err, started, max(1, progress.attempts))
         except TimeoutError:
             err = DeadlineExceededError("the request's deadline passed before this source finished")
             return _failed(err, started, max(1, progress.attempts))

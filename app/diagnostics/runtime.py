@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import faulthandler
+import gc
 import logging
 import signal
 import sys
@@ -20,6 +21,16 @@ if TYPE_CHECKING:
 log = logging.getLogger("app.diagnostics")
 
 DUMP_SIGNAL = signal.SIGUSR1
+
+
+def _gc_state() -> dict[str, Any]:
+    """The collector's settings and work so far (server.gc_thresholds, app/lifecycle/heap.py)."""
+    return {
+        "thresholds": list(gc.get_threshold()),
+        "pending": list(gc.get_count()),
+        "frozen_objects": gc.get_freeze_count(),
+        "generations": gc.get_stats(),
+    }
 
 
 class Diagnostics:
@@ -75,7 +86,7 @@ class Diagnostics:
         info = psutil.Process().memory_info()
         cpu = self._state.cpu
         shm = getattr(cpu.stats(), "shm_bytes", 0) if cpu is not None else 0
-        out: dict[str, Any] = {"rss_bytes": info.rss, "vms_bytes": info.vms, "shm_bytes": shm}
+        out: dict[str, Any] = {"rss_bytes": info.rss, "vms_bytes": info.vms, "shm_bytes": shm, "gc": _gc_state()}
         if not tracemalloc.is_tracing():
             out["tracemalloc"] = {"enabled": False, "hint": "set diagnostics.tracemalloc_frames > 0 (it costs)"}
             return out

@@ -81,6 +81,21 @@ async def test_slow_upstream_cannot_push_past_the_deadline(upstream: UpstreamSer
     assert [r.disconnected for r in upstream.requests if r.path == "/slow"] == [True]
 
 
+async def test_a_deadline_that_passes_before_the_sources_start_fails_each_of_them(upstream: UpstreamServer) -> None:
+    upstream.set("/x", Behavior())
+    settings = make_settings(upstreams={"a": upstream_cfg(upstream.url)})
+    sources = {f"s{i}": {"upstream": "a", "path": "/x"} for i in range(4)}
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        # One microsecond: gone before the source tasks run at all, or before their first call returns.
+        status, body, headers = await post_aggregate(client, gw.url, sources, deadline_ms=0.001)
+        later_status, later, _ = await post_aggregate(client, gw.url, sources, deadline_ms=2000)
+    assert (status, headers["X-Aggregate-Complete"]) == (200, "false")
+    assert list(body["results"]) == list(sources)
+    assert {r["error"]["type"] for r in body["results"].values()} == {"deadline"}
+    assert all(r["attempts"] == 1 and r["data"] is None for r in body["results"].values())
+    assert (later_status, later["complete"]) == (200, True), "the breaker was not blamed for the client's deadline"
+
+
 async def test_deadline_is_capped_and_passed_on(upstream: UpstreamServer) -> None:
     upstream.set("/echo", Behavior())
     settings = make_settings(
