@@ -8,6 +8,7 @@ traceback. Each fault has its own upstream (one breaker, one retry budget each),
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -85,11 +86,21 @@ async def during_fault(
         clean = await asyncio.gather(*clean_tasks)
     for status, body, _ in clean:
         assert status == 200
-        assert body["complete"] is True, body
+        assert body["complete"] is True, (body, good_outcomes(gw))
     for status, body, _ in mixed:
         assert status == 200, body
-        assert body["results"]["ok"]["ok"] is True, body
+        assert body["results"]["ok"]["ok"] is True, (body, good_outcomes(gw))
     return mixed, probes
+
+
+def good_outcomes(gw: GatewayProcess) -> dict[str, int]:
+    """For a failure message: how the good upstream's sources ended, from the gateway's own request log."""
+    outcomes: Counter[str] = Counter()
+    for line in gw.stderr().splitlines():
+        if line.startswith("{") and '"sources"' in line:
+            sources = orjson.loads(line).get("sources", {})
+            outcomes.update(s["outcome"] for name, s in sources.items() if name in ("a", "b", "ok"))
+    return dict(outcomes)
 
 
 async def recovered(gw: GatewayProcess, name: str, within_s: float = 5.0) -> None:
