@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import gc
 import time
-from collections.abc import Iterator
 
 import aiohttp
 import orjson
 import pytest
 
-from app.lifecycle.heap import freeze_startup_heap
 from tests.aggregate.conftest import post_aggregate, upstream_cfg
 from tests.support.gateway import make_settings, running_gateway
 from tests.support.upstream import Behavior, UpstreamServer
@@ -54,18 +50,6 @@ async def test_unreachable_upstream_is_a_connect_error() -> None:
     assert time.perf_counter() - started < 0.5
 
 
-@contextlib.contextmanager
-def frozen_heap() -> Iterator[None]:
-    """As `gateway serve` does once it is ready (app/lifecycle/heap.py): the heap built so far, here the whole test
-    session's, is kept out of the collector's sight, so that a full collection of pytest's own objects (50-130 ms
-    late in a long run) is not mistaken for the gateway's decode."""
-    freeze_startup_heap()
-    try:
-        yield
-    finally:
-        gc.unfreeze()
-
-
 async def test_large_upstream_json_does_not_stall_the_loop(upstream: UpstreamServer) -> None:
     big = orjson.dumps({"items": [{"id": i, "name": f"item-{i}", "tags": ["a", "b", "c"]} for i in range(120_000)]})
     assert len(big) > 5_000_000
@@ -76,24 +60,23 @@ async def test_large_upstream_json_does_not_stall_the_loop(upstream: UpstreamSer
     upstream.set("/big", Behavior(body=big, headers={"Content-Type": "application/json"}))
     cfg = upstream_cfg(upstream.url, max_response_bytes=16 * 1024 * 1024, timeout_ms=10_000)
     settings = make_settings(upstreams={"a": cfg}, compute={"enabled": True, "workers": 2})
-    with frozen_heap():
-        async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
-            await post_aggregate(client, gw.url, {"warm": {"upstream": "a", "path": "/warm"}})
-            lags: list[float] = []
-            stop = asyncio.Event()
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        await post_aggregate(client, gw.url, {"warm": {"upstream": "a", "path": "/warm"}})
+        lags: list[float] = []
+        stop = asyncio.Event()
 
-            async def probe() -> None:
-                while not stop.is_set():
-                    expected = time.perf_counter() + 0.002
-                    await asyncio.sleep(0.002)
-                    lags.append(time.perf_counter() - expected)
+        async def probe() -> None:
+            while not stop.is_set():
+                expected = time.perf_counter() + 0.002
+                await asyncio.sleep(0.002)
+                lags.append(time.perf_counter() - expected)
 
-            prober = asyncio.create_task(probe())
-            sources = {f"b{i}": {"upstream": "a", "path": "/big"} for i in range(3)}
-            async with client.post(f"{gw.url}/aggregate", json={"sources": sources, "deadline_ms": 10_000}) as resp:
-                raw = await resp.read()
-            stop.set()
-            await prober
+        prober = asyncio.create_task(probe())
+        sources = {f"b{i}": {"upstream": "a", "path": "/big"} for i in range(3)}
+        async with client.post(f"{gw.url}/aggregate", json={"sources": sources, "deadline_ms": 10_000}) as resp:
+            raw = await resp.read()
+        stop.set()
+        await prober
     body = orjson.loads(raw)  # decoded here, after the probe: the client's own decode is not the gateway's lag
     assert all(len(r["data"]["items"]) == 120_000 for r in body["results"].values())
     # The test's own loop is the gateway's loop here (and its client's: the 19 MB answer is read on it too), so
