@@ -27,6 +27,7 @@ from tests.support.gateway import GatewayProcess, wait_http_ok
 from tests.support.net import free_port
 
 ELEMENTS = 400_000  # 3.2 MB as float64: well past any shared-memory threshold, a few tens of ms per job
+LONG_JOB = orjson.dumps({"data": [50_000_000]})  # prime_count's sieve up to its limit: seconds of pure Python
 COMPUTE = {"enabled": True, "workers": 1, "queue_limit": 64, "job_timeout_s": 30}
 SERVER = {"drain_timeout_s": 1}
 LIMITS = {"max_body_bytes": 32 * 1024 * 1024}
@@ -36,9 +37,11 @@ def payload(n: int = ELEMENTS) -> bytes:
     return orjson.dumps({"data": [float(i % 97) / 7 for i in range(n)]})
 
 
-async def transform(client: aiohttp.ClientSession, gw: GatewayProcess, body: bytes) -> tuple[int, Any, dict[str, str]]:
+async def transform(
+    client: aiohttp.ClientSession, gw: GatewayProcess, body: bytes, name: str = "trig_log"
+) -> tuple[int, Any, dict[str, str]]:
     headers = {"Content-Type": "application/json"}
-    async with client.post(f"{gw.url}/transform/trig_log", data=io.BytesIO(body), headers=headers) as resp:
+    async with client.post(f"{gw.url}/transform/{name}", data=io.BytesIO(body), headers=headers) as resp:
         return resp.status, await resp.json(content_type=None), dict(resp.headers)
 
 
@@ -56,30 +59,34 @@ def gateway(tmp_path: Path) -> Iterator[GatewayProcess]:
 
 async def test_worker_killed_mid_job(gateway: GatewayProcess) -> None:
     # Client sees: the request whose job was running in the killed worker gets 503 + Retry-After (a problem,
-    # never a 500); every other request is served (200); the pool replaces the worker, and the next request is
-    # served by the new one.
-    body = payload()
+    # never a 500); the requests queued behind it are served (200); the pool replaces the worker, and the next
+    # request is served by the new one.
     async with aiohttp.ClientSession() as client:
         assert (await transform(client, gateway, payload(10)))[0] == 200
         (victim,) = pool_workers(gateway)
-        jobs = [asyncio.create_task(transform(client, gateway, body)) for _ in range(12)]
-        # The one worker runs the queued jobs back to back: once it has used CPU on them, a job is in it.
+        # One job that needs seconds of CPU (a pure-Python sieve), alone in the pool: once the worker has spent
+        # 0.1 s of CPU after it, that job is running in it, and far from done.
         cpu_before = sum(victim.cpu_times()[:2])
+        doomed = asyncio.create_task(transform(client, gateway, LONG_JOB, "prime_count"))
         deadline = time.monotonic() + 10
-        while sum(victim.cpu_times()[:2]) - cpu_before < 0.05:
-            assert time.monotonic() < deadline, "the worker never started a job"
+        while sum(victim.cpu_times()[:2]) - cpu_before < 0.1:
+            assert time.monotonic() < deadline, "the worker never started the long job"
+            assert not doomed.done(), doomed.result()
             await asyncio.sleep(0.01)
+        queued = [asyncio.create_task(transform(client, gateway, payload())) for _ in range(4)]
+        while metric(await scrape(client, gateway), "gateway_cpu_pool_queued") < len(queued):
+            assert time.monotonic() < deadline, "the short jobs never queued behind the long one"
+            await asyncio.sleep(0.01)
+        assert not doomed.done(), "the long job finished before the kill: make it longer"
         victim.send_signal(signal.SIGKILL)
         # Bounded: a pool that loses the job of a dead worker would leave its request waiting for ever.
-        answers = await asyncio.wait_for(asyncio.gather(*jobs), timeout=10)
-        statuses = sorted(status for status, _, _ in answers)
-        assert set(statuses) <= {200, 503}, statuses
-        assert 503 in statuses, "the job in the killed worker must be answered 503"
-        for status, problem, headers in answers:
-            if status == 503:
-                assert headers["Content-Type"] == "application/problem+json"
-                assert problem["type"].startswith("urn:gateway:problem:")
-                assert int(headers["Retry-After"]) >= 1
+        status, problem, headers = await asyncio.wait_for(doomed, timeout=10)
+        assert status == 503, (status, problem)
+        assert headers["Content-Type"] == "application/problem+json"
+        assert problem["type"].startswith("urn:gateway:problem:")
+        assert int(headers["Retry-After"]) >= 1
+        answers = await asyncio.wait_for(asyncio.gather(*queued), timeout=10)
+        assert [s for s, _, _ in answers] == [200] * len(queued), [(s, p) for s, p, _ in answers if s != 200]
         status, result, _ = await transform(client, gateway, payload(10))
         assert status == 200
         assert len(result["result"]) == 10
