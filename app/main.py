@@ -53,6 +53,8 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         limit=settings.limits.max_in_flight_requests,
         retry_after_s=settings.limits.shed_retry_after_s,
         exempt=UNSHED_PATHS,
+        floor=settings.limits.min_in_flight_requests,
+        target_lag_s=settings.limits.shed_loop_lag_ms / 1000,
     )
     problems.install(app)
     for module in (health, aggregate, transform):

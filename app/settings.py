@@ -205,7 +205,18 @@ class LimitSettings(_Section):
     # well under 100 ms); past it the kernel has clients retry their SYN a second later.
     listen_backlog: int = Field(128, ge=16, le=65535, description="Pending connections, at most.")
     max_in_flight_requests: int = Field(512, ge=1, le=1_000_000, description="Beyond it: 503 at once.")
+    # The in-flight limit follows the event loop's lag between these bounds (app/security/admission.py).
+    shed_loop_lag_ms: float = Field(
+        0.0, ge=0, le=10_000, description="Loop lag over which the in-flight limit is lowered (e.g. 20); 0: fixed."
+    )
+    min_in_flight_requests: int = Field(8, ge=1, le=1_000_000, description="The lowered limit's floor.")
     shed_retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After of a shed request.")
+
+    @model_validator(mode="after")
+    def _floor_under_ceiling(self) -> LimitSettings:
+        if self.shed_loop_lag_ms > 0 and self.min_in_flight_requests > self.max_in_flight_requests:
+            raise ValueError("min_in_flight_requests exceeds max_in_flight_requests")
+        return self
 
 
 class HttpClientSettings(_Section):

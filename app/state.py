@@ -17,6 +17,7 @@ if TYPE_CHECKING:
 from app.lifecycle.readiness import Readiness
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
+from app.security.admission import Admission
 from app.security.guard import Guard
 from app.settings import Settings
 from app.upstream.client import UpstreamClient
@@ -37,6 +38,7 @@ class GatewayState:
     tracing: Tracing | None = None
     diagnostics: Diagnostics | None = None
     guard: Guard | None = None
+    admission: Admission | None = None
 
     def require_db(self) -> Database:
         if self.db is None:

@@ -140,3 +140,12 @@ def test_check_config_cli(tmp_path: Path) -> None:
     assert res.returncode == 2
     assert "upstreams.users.timeout_ms: Input should be greater than 0" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_the_admission_floor_may_not_exceed_the_limit_it_steers(tmp_path: Path) -> None:
+    text = "[limits]\nmax_in_flight_requests = 4\nmin_in_flight_requests = 8\n"
+    assert load_settings(write(tmp_path, text), environ=False).limits.max_in_flight_requests == 4  # a fixed limit
+    problems = problems_of(write(tmp_path, text + "shed_loop_lag_ms = 20\n"))
+    assert any("limits" in p and "min_in_flight_requests exceeds max_in_flight_requests" in p for p in problems), (
+        problems
+    )

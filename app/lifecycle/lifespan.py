@@ -36,7 +36,7 @@ from app.observability.blocking import BlockingDetector
 from app.observability.looplag import LoopLagSampler
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
-from app.security.admission import SHED_REASON
+from app.security.admission import Admission
 from app.security.guard import Guard
 from app.settings import Settings
 from app.state import GatewayState
@@ -102,11 +102,17 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
         state = GatewayState(settings=settings, readiness=readiness, metrics=metrics, loop=asyncio.get_running_loop())
         app.state.gateway = state
         obs = settings.observability
-        sampler = LoopLagSampler(metrics.loop_lag, interval_s=obs.loop_lag_interval_ms / 1000)
+        admission: Admission | None = getattr(app.state, "admission", None)
+        sampler = LoopLagSampler(
+            metrics.loop_lag,
+            interval_s=obs.loop_lag_interval_ms / 1000,
+            on_sample=admission.adapt if admission is not None else None,
+        )
         async with AsyncExitStack() as stack:
             await _open(stack, readiness, "metrics", _NoStart(_noop))
-            if getattr(app.state, "admission", None) is not None:
-                app.state.admission.observe(metrics.shed.labels(SHED_REASON).inc)
+            if admission is not None:
+                admission.observe(metrics)
+                state.admission = admission
             metrics.register_state(state, sampler.worst_recent_s)
             state.tracing = Tracing(obs.tracing, provider=app.state.tracer_provider)
             await _open(stack, readiness, "tracing", state.tracing)

@@ -60,6 +60,10 @@ class Metrics:
         # gateway_http_requests_in_flight and gateway_drain_cancelled_requests_total come from the drain's own
         # collector (app/lifecycle/drain.py), which owns the in-flight count.
         self.shed = Counter("gateway_http_requests_shed", "Requests refused at once with 503.", ["reason"], registry=r)
+        self.admission_limit = Gauge(
+            "gateway_http_admission_limit", "Requests admitted at once, at most (lowered while the loop lags).",
+            registry=r,
+        )  # fmt: skip
 
         self.db_executor = ExecutorMetrics("db_executor", "DB executor", r)
         self.cpu_queue_wait = Histogram(
@@ -85,10 +89,19 @@ class Metrics:
         self.security = SecurityMetrics(r)
 
         # Known label values start at 0, so rate() and dashboards see a series before the first event.
-        for reason in ("in_flight", "cpu_queue", "draining"):
-            self.shed.labels(reason)
+        self._shed_by_reason = {
+            reason: self.shed.labels(reason) for reason in ("in_flight", "loop_lag", "cpu_queue", "draining")
+        }
         for transport in ("shm", "pickle"):
             self.cpu_transfer.labels(transport)
+
+    def request_shed(self, reason: str) -> None:
+        """AdmissionObserver (app/security/admission.py)."""
+        child = self._shed_by_reason.get(reason)
+        (child if child is not None else self.shed.labels(reason)).inc()
+
+    def limit_changed(self, limit: int) -> None:
+        self.admission_limit.set(limit)
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)

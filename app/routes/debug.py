@@ -42,7 +42,9 @@ async def threads(request: Request) -> JSONResponse:
 @router.get("/pools")
 async def pools(request: Request) -> JSONResponse:
     state = get_state(request)
-    body: dict[str, Any] = {"db": None, "cpu": None, "upstreams": {}}
+    body: dict[str, Any] = {"admission": None, "db": None, "cpu": None, "upstreams": {}}
+    if state.admission is not None:
+        body["admission"] = state.admission.snapshot()
     if state.db is not None:
         executor = state.db.executor
         body["db"] = {

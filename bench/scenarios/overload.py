@@ -8,11 +8,13 @@ import json
 import statistics
 import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
+from bench import promtext
 from bench.harness import Bench, Goal
 from bench.procs import listen_overflows
-from bench.variants import VARIANTS, aggregate_body, has_setting, upstream_names
+from bench.variants import VARIANTS, Variant, aggregate_body, has_setting, upstream_names
 
 N = 4
 GOODPUT_GOAL = 0.9
@@ -20,6 +22,69 @@ P99_FACTOR_GOAL = 2.0
 SHED_GOAL_MS = 5.0
 FLAT_MB = 20.0  # growth over the second half of the run that still counts as flat
 GENERATOR_CONNECTIONS = 2048
+SHED = "gateway_http_requests_shed_total"
+ADAPTIVE_LAG_MS = 20.0  # limits.shed_loop_lag_ms of the second 3× run
+
+
+def _three_x(bench: Bench, gateway: Variant, body: Path, offered: float) -> dict[str, Any]:
+    """One open-loop run at ``offered`` req/s, with the gateway's RSS and admission limit sampled meanwhile."""
+    p = bench.profile
+    before = bench.scrape(gateway)
+    argv = bench.loadgen_argv(
+        gateway.url + "/aggregate",
+        body,
+        seconds=p.overload_s,
+        rate=offered,
+        warmup=0.5,
+        connections=GENERATOR_CONNECTIONS,
+        grace=10.0,
+    )
+    rss: list[tuple[float, float]] = []
+    admitting: list[int] = []  # the admission limit, every 0.5 s (in builds whose limit follows the loop's lag)
+    started = time.monotonic()
+    cpu_before, core_before = gateway.service.cpu_seconds(), bench.pinning.server_busy_s()
+    overflows_before = listen_overflows()
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while True:
+        try:
+            out, err = proc.communicate(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if gateway.service.alive():
+                rss.append((round(time.monotonic() - started, 2), gateway.service.rss_bytes() / 2**20))
+                now = bench.scrape(gateway)
+                limit = None if now is None else promtext.value(now, "gateway_http_admission_limit")
+                if limit is not None:
+                    admitting.append(int(limit))
+            if time.monotonic() - started > p.overload_s + 120:
+                proc.kill()
+                out, err = proc.communicate()
+                break
+    cpu_used = gateway.service.cpu_seconds() - cpu_before
+    run_s = time.monotonic() - started
+    others_s = max(0.0, bench.pinning.server_busy_s() - core_before - cpu_used)
+    overflows = listen_overflows() - overflows_before
+    if proc.returncode != 0:
+        raise RuntimeError(f"load generator failed: {err.decode(errors='replace')[-2000:]}")
+    over: dict[str, Any] = json.loads(out)
+    over.update(bench.gateway_window(gateway, before))
+    after = bench.scrape(gateway)
+    if before is not None and after is not None:
+        over["shed_by_reason"] = {
+            reason: int(
+                (promtext.value(after, SHED, reason=reason) or 0) - (promtext.value(before, SHED, reason=reason) or 0)
+            )
+            for reason in ("in_flight", "loop_lag")
+        }
+    return {
+        "over": over,
+        "rss": rss,
+        "admitting": admitting,
+        "cpu_used": cpu_used,
+        "run_s": run_s,
+        "others_s": others_s,
+        "overflows": overflows,
+    }
 
 
 def run(bench: Bench) -> dict[str, Any]:
@@ -37,41 +102,20 @@ def run(bench: Bench) -> dict[str, Any]:
     bench.say(f"overload: ceiling {ceiling:.0f} req/s; 75 %: p99 {base['latency_ok_us']['p99'] / 1000:.1f} ms")
 
     offered = ceiling * 3
-    before = bench.scrape(gateway)
-    argv = bench.loadgen_argv(
-        gateway.url + "/aggregate",
-        body,
-        seconds=p.overload_s,
-        rate=offered,
-        warmup=0.5,
-        connections=GENERATOR_CONNECTIONS,
-        grace=10.0,
-    )
-    rss: list[tuple[float, float]] = []
-    started = time.monotonic()
-    cpu_before, core_before = gateway.service.cpu_seconds(), bench.pinning.server_busy_s()
-    overflows_before = listen_overflows()
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    while True:
-        try:
-            out, err = proc.communicate(timeout=0.5)
-            break
-        except subprocess.TimeoutExpired:
-            if gateway.service.alive():
-                rss.append((round(time.monotonic() - started, 2), gateway.service.rss_bytes() / 2**20))
-            if time.monotonic() - started > p.overload_s + 120:
-                proc.kill()
-                out, err = proc.communicate()
-                break
-    cpu_used = gateway.service.cpu_seconds() - cpu_before
-    run_s = time.monotonic() - started
-    others_s = max(0.0, bench.pinning.server_busy_s() - core_before - cpu_used)
-    overflows = listen_overflows() - overflows_before
-    if proc.returncode != 0:
-        raise RuntimeError(f"load generator failed: {err.decode(errors='replace')[-2000:]}")
-    over: dict[str, Any] = json.loads(out)
-    over.update(bench.gateway_window(gateway, before))
+    run_3x = _three_x(bench, gateway, body, offered)
+    over, rss, admitting = run_3x["over"], run_3x["rss"], run_3x["admitting"]
+    cpu_used, run_s, others_s, overflows = run_3x["cpu_used"], run_3x["run_s"], run_3x["others_s"], run_3x["overflows"]
     gateway.service.stop()
+    adaptive: dict[str, Any] | None = None
+    if limits and has_setting("limits.shed_loop_lag_ms"):
+        # The same offered rate against a gateway whose limit follows its loop's lag (off by default).
+        tuned = {**limits, "shed_loop_lag_ms": ADAPTIVE_LAG_MS}
+        second = bench.start(
+            [VARIANTS["gateway"]], upstream_names(N, bench.upstream(0)), tag="-overload-lag", limits=tuned
+        )["gateway"]
+        bench.closed(second, body, seconds=p.warmup_s)
+        adaptive = _three_x(bench, second, body, offered)
+        second.service.stop()
 
     goodput = over["goodput"]
     shed = over["statuses"].get("503", 0)
@@ -89,6 +133,15 @@ def run(bench: Bench) -> dict[str, Any]:
         "shed": shed,
         "rss_mb": rss,
         "rss_growth_second_half_mb": growth,
+        "admission_limits": admitting,
+        "adaptive": None
+        if adaptive is None
+        else {
+            "shed_loop_lag_ms": ADAPTIVE_LAG_MS,
+            "overload": adaptive["over"],
+            "admission_limits": adaptive["admitting"],
+            "listen_overflows": adaptive["overflows"],
+        },
     }
     note_shed = "" if shed else "no request was shed: admission control is not available in this build"
     p99_base = base["latency_ok_us"]["p99"] / 1000
@@ -201,8 +254,25 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|",
         row("75 %", b, b["offered_rate"]),
         row("3×", o, o["offered_rate"]),
-        "",
     ]
+    adaptive = result.get("adaptive")
+    if adaptive:
+        a = adaptive["overload"]
+        lines.append(row(f"3×, limit following lag > {adaptive['shed_loop_lag_ms']:g} ms", a, a["offered_rate"]))
+    lines.append("")
+    if adaptive:
+        limits = adaptive["admission_limits"]
+        by_reason = adaptive["overload"].get("shed_by_reason", {})
+        lines += [
+            "The last row is a second gateway, run right after the first at the same offered rate, with "
+            f"`limits.shed_loop_lag_ms = {adaptive['shed_loop_lag_ms']:g}` (off by default): its in-flight limit "
+            "drops while the loop lags. Its limit every 0.5 s: "
+            + ", ".join(str(n) for n in limits[:: max(1, len(limits) // 12)])
+            + f"; shed at the configured limit {by_reason.get('in_flight', 0)}, under the lowered one "
+            f"{by_reason.get('loop_lag', 0)}; the kernel dropped {adaptive['listen_overflows']} connections from a "
+            "full listen queue meanwhile. One run each, back to back: compare them within this run only.",
+            "",
+        ]
     if "core_share" in result:
         lines.append(
             f"During the 3× run the gateway used {result['core_share']:.2f} of its core (other processes "

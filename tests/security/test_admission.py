@@ -1,13 +1,17 @@
-"""The global in-flight limit: the excess is answered 503 + Retry-After at once; probes are never shed."""
+"""The global in-flight limit: the excess is answered 503 + Retry-After at once; probes are never shed; the limit
+follows the event loop's lag when asked to."""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import aiohttp
+import orjson
 from prometheus_client import generate_latest
 
+from app.security.admission import Admission
 from tests.aggregate.conftest import upstream_cfg
 from tests.security.conftest import metric
 from tests.support.gateway import make_settings, running_gateway
@@ -45,3 +49,111 @@ async def test_excess_is_shed_at_once_and_admitted_requests_finish(upstream: Ups
     assert max(elapsed for _, elapsed, _ in shed) < 0.25, "the excess must not wait for capacity"
     assert upstream.count() == 4
     assert metric(text, "gateway_http_requests_shed_total", reason="in_flight") == 10
+
+
+# The limit that follows the loop's lag -------------------------------------------------------------------------
+
+
+def steered(*, ceiling: int = 64, floor: int = 4, target_ms: float = 20.0) -> Admission:
+    return Admission(limit=ceiling, retry_after_s=1, exempt=frozenset(), floor=floor, target_lag_s=target_ms / 1000)
+
+
+def test_a_lagging_loop_cuts_the_limit_by_a_quarter_down_to_its_floor() -> None:
+    admission = steered()
+    limits = []
+    for _ in range(12):
+        admission.adapt(0.050)
+        limits.append(admission.limit)
+    assert limits == [48, 36, 27, 20, 15, 11, 8, 6, 4, 4, 4, 4]
+
+
+def test_the_limit_rises_only_after_a_run_of_calm_samples() -> None:
+    admission = steered()
+    admission.adapt(0.050)
+    assert admission.limit == 48
+    # Within the band (between half the target and the target): held.
+    for _ in range(20):
+        admission.adapt(0.015)
+    assert admission.limit == 48
+    # Calm samples broken by one busy moment: no rise.
+    for lag in (0.001, 0.001, 0.001, 0.001, 0.012, 0.001, 0.001, 0.001, 0.001):
+        admission.adapt(lag)
+    assert admission.limit == 48
+    admission.adapt(0.001)  # the fifth calm sample in a row
+    assert admission.limit == 54
+    for _ in range(50):
+        admission.adapt(0.0)
+    assert admission.limit == 64, "never past the configured limit"
+
+
+def test_a_zero_target_keeps_the_limit_fixed() -> None:
+    admission = steered(target_ms=0)
+    for _ in range(10):
+        admission.adapt(5.0)
+    assert admission.limit == 64
+
+
+def test_the_shed_answer_names_why() -> None:
+    admission = steered(ceiling=2, floor=1)
+    _, at_limit = admission.shed()
+    admission.adapt(1.0)
+    assert admission.limit == 1
+    _, saturated = admission.shed()
+    assert orjson.loads(at_limit)["detail"] == "more than 2 requests in flight"
+    assert orjson.loads(saturated)["detail"] == "the gateway's event loop is saturated"
+    assert admission.shed_total == 2
+
+
+async def test_a_saturated_loop_lowers_the_limit_and_a_calm_one_restores_it(upstream: UpstreamServer) -> None:
+    # The real sampler, admission and protocol: the loop is kept busy (30 ms callbacks back to back) until the
+    # limit sits at its floor; then a request past the floor is shed as `loop_lag`; once the loop is calm again the
+    # limit climbs back to the configured one.
+    upstream.set("/slow", Behavior(latency=0.5))
+    settings = make_settings(
+        upstreams={"a": upstream_cfg(upstream.url, timeout_ms=5000)},
+        limits={"max_in_flight_requests": 40, "min_in_flight_requests": 2, "shed_loop_lag_ms": 5},
+        observability={"loop_lag_interval_ms": 20},
+    )
+    body = {"sources": {"s": {"upstream": "a", "path": "/slow"}}, "deadline_ms": 5000}
+    loop = asyncio.get_running_loop()
+    hogging = True
+
+    def hog() -> None:
+        end = time.perf_counter() + 0.03
+        while time.perf_counter() < end:
+            pass
+        if hogging:
+            loop.call_soon(hog)
+
+    async def poll(predicate: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + 15
+        while not predicate():
+            assert time.monotonic() < deadline, what
+            await asyncio.sleep(0.01)
+
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        admission = gw.state.admission
+        assert admission is not None
+        assert admission.limit == 40
+
+        async def call() -> tuple[int, dict[str, object]]:
+            async with client.post(f"{gw.url}/aggregate", json=body) as resp:
+                return resp.status, orjson.loads(await resp.read())
+
+        loop.call_soon(hog)
+        try:
+            await poll(lambda: admission.limit == 2, "the limit never reached its floor")
+            admitted = [asyncio.create_task(call()) for _ in range(2)]
+            await upstream.await_requests(2)
+            shed = await asyncio.gather(*(call() for _ in range(3)))
+            text = generate_latest(gw.state.metrics.registry).decode()
+        finally:
+            hogging = False
+        assert [status for status, _ in shed] == [503] * 3
+        assert {problem["detail"] for _, problem in shed} == {"the gateway's event loop is saturated"}
+        assert metric(text, "gateway_http_requests_shed_total", reason="loop_lag") == 3
+        assert metric(text, "gateway_http_admission_limit") == 2
+        assert [status for status, _ in await asyncio.gather(*admitted)] == [200, 200]
+        await poll(lambda: admission.limit == 40, "the limit never climbed back")
+        text = generate_latest(gw.state.metrics.registry).decode()
+    assert metric(text, "gateway_http_admission_limit") == 40
