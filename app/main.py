@@ -20,7 +20,7 @@ from app.middleware.security_headers import SecurityHeadersMiddleware
 from app.observability.http import HttpMetricsMiddleware
 from app.openapi import install_openapi
 from app.responses import JSONResponse
-from app.routes import aggregate, health, metrics, transform
+from app.routes import aggregate, debug, health, metrics, transform
 from app.security.access import AccessRules
 from app.security.admission import Admission
 from app.settings import Settings
@@ -61,6 +61,10 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         app.include_router(module.router)
     if settings.observability.admin_port is None:
         app.include_router(metrics.router)
+    if settings.auth.enabled:
+        # Operators without the admin listener reach /debug here, with an `admin` key; never anonymously. Kept out
+        # of the public API's schema: it describes the API clients call, not the operators' tools.
+        app.include_router(debug.router, include_in_schema=False)
     rules = AccessRules()
     unruled = rules.unruled(_paths(app.routes))
     if unruled:

@@ -259,7 +259,7 @@ class ComputeSettings(_Section):
     load_plugins: bool = Field(True, description="Load transforms from the 'gateway.transforms' entry-point group.")
 
 
-Scope = Literal["aggregate", "transform", "metrics"]
+Scope = Literal["aggregate", "transform", "metrics", "admin"]
 _KEY_HASH = re.compile(r"^sha256:[0-9a-f]{64}$")
 _ORIGIN = re.compile(r"^https?://[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^https?://\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 

@@ -13,7 +13,13 @@ from typing import Final
 OPEN: Final = "<open>"  # not a scope: no key needed
 # Liveness and readiness answer anyone (the kubelet has no key); the schema describes the API, not its config.
 OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json")
-SCOPED_PREFIXES = (("/aggregate", "aggregate"), ("/transform", "transform"), ("/metrics", "metrics"))
+# /debug is on the public listener only with authentication on (app/main.py), and then only for `admin` keys.
+SCOPED_PREFIXES = (
+    ("/aggregate", "aggregate"),
+    ("/transform", "transform"),
+    ("/metrics", "metrics"),
+    ("/debug", "admin"),
+)
 
 
 def _under(path: str, prefix: str) -> bool:

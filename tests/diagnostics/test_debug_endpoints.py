@@ -1,4 +1,5 @@
-"""Operator endpoints against a real running gateway under load, on the admin listener."""
+"""Operator endpoints against a real running gateway under load, on the admin listener, and on the public one for
+`admin` keys."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import aiohttp
 import pytest
 
 from tests.aggregate.conftest import post_aggregate
+from tests.security.conftest import auth_with, new_key
 from tests.support.gateway import make_settings, running_gateway
 
 
@@ -133,3 +135,35 @@ async def test_sigusr1_dumps_threads_and_tasks(caplog: pytest.LogCaptureFixture)
     assert "task stuck-for-sigusr1 stuck_forever_waiting" in text
     assert "thread MainThread" in text
     assert json.dumps(text)  # a plain string, loggable as JSON
+
+
+async def test_the_public_listener_serves_debug_to_admin_keys_only() -> None:
+    admin, user = new_key("ops", ["admin"]), new_key("app", ["aggregate", "transform", "metrics"])
+    async with running_gateway(make_settings(auth=auth_with(admin, user))) as gw, aiohttp.ClientSession() as client:
+        status, body = await get_json(client, f"{gw.url}/debug/pools")
+        assert (status, body["type"]) == (401, "urn:gateway:problem:unauthorized")
+        async with client.get(f"{gw.url}/debug/tasks", headers=user.bearer) as resp:
+            assert resp.status == 403
+        async with client.get(f"{gw.url}/debug/tasks", headers=admin.header) as resp:
+            assert resp.status == 200
+            tasks = await resp.json()
+        async with client.get(f"{gw.url}/debug/pools", headers=admin.bearer) as resp:
+            assert resp.status == 200
+            pools = await resp.json()
+        # An admin key is for operators, not for the API.
+        async with client.post(f"{gw.url}/aggregate", json={"sources": {}}, headers=admin.bearer) as resp:
+            assert resp.status == 403
+        async with client.get(f"{gw.url}/openapi.json") as resp:
+            schema = await resp.json()
+    assert tasks["count"] == len(tasks["tasks"]) > 0
+    assert pools["admission"]["limit"] == pools["admission"]["ceiling"] == 512
+    assert not [path for path in schema["paths"] if path.startswith("/debug")]
+
+
+async def test_without_authentication_debug_stays_off_the_public_listener() -> None:
+    async with (
+        running_gateway(make_settings()) as gw,
+        aiohttp.ClientSession() as client,
+        client.get(f"{gw.url}/debug/pools") as resp,
+    ):
+        assert resp.status == 404
