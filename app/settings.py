@@ -78,6 +78,35 @@ class BreakerPolicy(_Section):
     half_open_probes: int = Field(1, ge=1, le=100)
 
 
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")  # no CR, LF, NUL or other controls
+
+
+class UpstreamTls(_Section):
+    """How the gateway checks an https upstream, and proves itself to it (mutual TLS)."""
+
+    ca_file: Path | None = Field(None, description="PEM CA bundle for the upstream's certificate; default: system.")
+    client_cert_file: Path | None = Field(None, description="PEM certificate (chain) presented to the upstream.")
+    client_key_file: Path | None = Field(None, description="PEM private key of client_cert_file.")
+
+    @field_validator("ca_file", "client_cert_file", "client_key_file")
+    @classmethod
+    def _readable(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.is_file():
+            raise ValueError(f"no such file: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _cert_with_key(self) -> UpstreamTls:
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return any(f is not None for f in (self.ca_file, self.client_cert_file, self.client_key_file))
+
+
 class UpstreamConfig(_Section):
     base_url: str
     max_concurrency: int = Field(32, ge=1, le=10_000)
@@ -85,6 +114,10 @@ class UpstreamConfig(_Section):
     connect_timeout_ms: PositiveMs = 250.0
     max_response_bytes: int = Field(8 * 1024 * 1024, ge=1)
     forward_headers: list[str] = Field(default_factory=list, description="Client headers passed through.")
+    # The gateway's own credentials for this upstream (an API key, a bearer token): sent on every call, never
+    # logged, never shown; a client can neither see nor replace them.
+    headers: dict[str, SecretStr] = Field(default_factory=dict, description="Sent on every call to this upstream.")
+    tls: UpstreamTls = UpstreamTls()
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
 
@@ -108,6 +141,27 @@ class UpstreamConfig(_Section):
         if hop:
             raise ValueError(f"these headers can never be forwarded: {', '.join(hop)}")
         return lowered
+
+    @field_validator("headers")
+    @classmethod
+    def _valid_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name, secret in value.items():
+            if not _HEADER_NAME.match(name):
+                raise ValueError(f"{name!r} is not a valid header name")
+            if name.lower() in _NEVER_FORWARDED:
+                raise ValueError(f"the gateway sets {name} itself")
+            if not _HEADER_VALUE.match(secret.get_secret_value()):
+                raise ValueError(f"the value of {name} holds a control character")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> UpstreamConfig:
+        both = sorted({h.lower() for h in self.headers} & set(self.forward_headers))
+        if both:
+            raise ValueError(f"headers both set by the gateway and forwarded from clients: {', '.join(both)}")
+        if self.tls.configured and not self.base_url.startswith("https://"):
+            raise ValueError("tls settings need an https:// base_url")
+        return self
 
 
 class QueryConfig(_Section):

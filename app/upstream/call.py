@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from ssl import SSLContext
 from typing import Any
 
 import aiohttp
@@ -45,6 +46,7 @@ async def call_once(
     timeout_s: float,
     connect_timeout_s: float,
     max_bytes: int,
+    ssl: SSLContext | bool = True,
 ) -> Reply:
     """Send one request and read its body, at most ``max_bytes`` of it.
 
@@ -65,6 +67,7 @@ async def call_once(
             headers=send_headers,
             timeout=timeout,
             allow_redirects=False,  # a redirect could point anywhere; it is returned as the upstream's answer
+            ssl=ssl,
         ) as resp:
             raw = await _read_capped(resp, upstream, max_bytes)
             status = resp.status

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -17,6 +18,7 @@ from app.errors import (
     DeadlineExceededError,
     ResponseTooLargeError,
     SourceError,
+    StartupError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
@@ -47,6 +49,10 @@ class Upstream:
     semaphore: asyncio.Semaphore
     breaker: CircuitBreaker
     budget: RetryBudget
+    # The gateway's own headers for this upstream (credentials), and the TLS context its calls use (True: the
+    # system's trust store).
+    headers: Mapping[str, str] = field(default_factory=dict)
+    ssl: ssl.SSLContext | bool = True
     in_flight: int = 0
 
 
@@ -102,10 +108,15 @@ class UpstreamClient:
             semaphore=asyncio.Semaphore(cfg.max_concurrency),
             breaker=CircuitBreaker(cfg.breaker, on_transition=transition),
             budget=RetryBudget(cfg.retry),
+            headers={header: value.get_secret_value() for header, value in cfg.headers.items()},
         )
 
     async def start(self) -> None:
-        return None
+        """Load each upstream's TLS files. Raises StartupError naming the upstream when one cannot be used."""
+        for up in self.upstreams.values():
+            if up.config.tls.configured:
+                # A few small files, read once before the gateway serves: no request waits on this.
+                up.ssl = _tls_context(up.name, up.config)
 
     async def aclose(self) -> None:
         return None
@@ -189,7 +200,7 @@ class UpstreamClient:
             if remaining <= MIN_ATTEMPT_S:
                 raise DeadlineExceededError(f"the deadline passed while waiting for a slot on {up.name}")
             per_try = up.config.timeout_ms / 1000
-            send_headers = dict(headers)
+            send_headers = {**headers, **up.headers}
             send_headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
             up.in_flight += 1
             try:
@@ -204,6 +215,7 @@ class UpstreamClient:
                     timeout_s=min(per_try, remaining),
                     connect_timeout_s=up.config.connect_timeout_ms / 1000,
                     max_bytes=up.config.max_response_bytes,
+                    ssl=up.ssl,
                 )
             except UpstreamTimeoutError as exc:
                 if remaining < per_try:
@@ -247,3 +259,14 @@ def _note_attempts(err: SourceError, attempts: int) -> None:
     err.attempts = attempts
     if attempts > 1 and "attempts" not in err.message:
         err.message = f"{err.message} after {attempts} attempts"
+
+
+def _tls_context(name: str, cfg: UpstreamConfig) -> ssl.SSLContext:
+    tls = cfg.tls
+    try:
+        context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file is not None else None)
+        if tls.client_cert_file is not None and tls.client_key_file is not None:
+            context.load_cert_chain(tls.client_cert_file, tls.client_key_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise StartupError(f"upstream {name}: its TLS files cannot be used: {exc}") from exc
+    return context

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import threading
 import time
 from collections import deque
@@ -100,8 +101,10 @@ class UpstreamServer:
     """A real aiohttp server on 127.0.0.1:<free port>, running in its own thread with its own event loop,
     so it works both for in-process app tests and for tests of a separate gateway process."""
 
-    def __init__(self, name: str = "upstream") -> None:
+    def __init__(self, name: str = "upstream", *, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``ssl_context``: serve HTTPS with it (its verify mode decides whether clients must show a certificate)."""
         self.name = name
+        self._ssl_context = ssl_context
         self._cond = threading.Condition()
         self._routes: dict[str, _Route] = {}
         self._records: dict[int, RecordedRequest] = {}  # by arrival number, in arrival order
@@ -176,7 +179,8 @@ class UpstreamServer:
 
     @property
     def url(self) -> str:
-        return f"http://{HOST}:{self.port}"
+        scheme = "https" if self._ssl_context is not None else "http"
+        return f"{scheme}://{HOST}:{self.port}"
 
     # -- scripting -------------------------------------------------------------------------------------------
 
@@ -301,7 +305,7 @@ class UpstreamServer:
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT)
         try:
             await runner.setup()
-            site = web.TCPSite(runner, HOST, 0)
+            site = web.TCPSite(runner, HOST, 0, ssl_context=self._ssl_context)
             await site.start()
             self._port = runner.addresses[0][1]
             self._ready.set()
