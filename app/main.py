@@ -57,6 +57,8 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         target_lag_s=settings.limits.shed_loop_lag_ms / 1000,
     )
     problems.install(app)
+    # First in line, ahead of the routes FastAPI builds: the lean endpoint of the hottest route.
+    app.router.routes.append(aggregate.lean_route())
     for module in (health, aggregate, transform):
         app.include_router(module.router)
     if settings.observability.admin_port is None:

@@ -134,3 +134,36 @@ async def test_too_many_sources_and_too_large_bodies(upstream: UpstreamServer) -
         status, body, _ = await post_aggregate(client, gw.url, {"s": {"upstream": "a", "path": "/x"}})
         assert status == 200
     assert upstream.count() == 1
+
+
+async def test_a_body_that_is_not_json_is_named_as_such(upstream: UpstreamServer) -> None:
+    upstream.set("/x", Behavior(json={"ok": 1}))
+    settings = make_settings(upstreams={"a": upstream_cfg(upstream.url)})
+    valid = b'{"sources": {"s": {"upstream": "a", "path": "/x"}}}'
+
+    async def post(body: bytes, content_type: str | None) -> tuple[int, Any]:
+        headers = {"Content-Type": content_type} if content_type else {}
+        async with client.post(
+            f"{gw.url}/aggregate", data=body, headers=headers, skip_auto_headers=["Content-Type"]
+        ) as resp:
+            return resp.status, await resp.json(content_type=None)
+
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        for content_type in (None, "text/plain", "application/x-www-form-urlencoded"):
+            status, body = await post(valid, content_type)
+            assert status == 422
+            assert body["errors"] == [
+                {
+                    "loc": "body",
+                    "msg": "the body must be JSON, sent with Content-Type: application/json",
+                    "type": "content_type",
+                }
+            ]
+        status, body = await post(valid[:-3], "application/json")
+        assert status == 422
+        (error,) = body["errors"]
+        assert (error["loc"], error["type"]) == ("body", "json_invalid")
+        assert "line 1 column" in error["msg"], "says where the JSON broke"
+        assert (await post(valid, "application/json; charset=utf-8"))[0] == 200
+        assert (await post(valid, "application/merge-patch+json"))[0] == 200
+    assert upstream.count() == 2
