@@ -22,7 +22,7 @@ from typing import Any
 # Inclusive shares by the outermost frame of each part of a request (line numbers dropped).
 BREAKDOWN = {
     "request_handling": "Starlette.__call__ (starlette/applications.py)",  # middleware, routing, body, endpoint
-    "endpoint": "run_endpoint_function (fastapi/routing.py)",  # the handler itself (planning, waiting, answer)
+    "endpoint": "_aggregate (app/routes/aggregate.py)",  # the handler itself (planning, waiting, answer)
     "sources": "Aggregator._one (app/aggregate/service.py)",  # each source's task: limits, deadline, retries, call
     "http_client": "call_once (app/upstream/call.py)",  # aiohttp: one request and its body
 }
