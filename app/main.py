@@ -64,8 +64,9 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     if settings.observability.admin_port is None:
         app.include_router(metrics.router)
     if settings.auth.enabled:
-        # Operators without the admin listener reach /debug here, with an `admin` key; never anonymously. Kept out
-        # of the public API's schema: it describes the API clients call, not the operators' tools.
+        # Operators reach /debug here too, with an `admin` key (the admin listener, when there is one, needs none);
+        # never anonymously. Kept out of the public API's schema: it describes the API clients call, not the
+        # operators' tools.
         app.include_router(debug.router, include_in_schema=False)
     rules = AccessRules()
     unruled = rules.unruled(_paths(app.routes))

@@ -11,6 +11,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
@@ -78,8 +79,10 @@ class BreakerPolicy(_Section):
     half_open_probes: int = Field(1, ge=1, le=100)
 
 
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an RFC 9110 token
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e\x80-\xff]*$")  # no CR, LF, NUL or other controls
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token (fullmatch)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF, NUL or other controls (fullmatch)
+# Besides those never forwarded: set by the gateway on the calls that need it.
+_GATEWAY_SET = frozenset({"content-type"})
 
 
 class UpstreamTls(_Section):
@@ -88,6 +91,7 @@ class UpstreamTls(_Section):
     ca_file: Path | None = Field(None, description="PEM CA bundle for the upstream's certificate; default: system.")
     client_cert_file: Path | None = Field(None, description="PEM certificate (chain) presented to the upstream.")
     client_key_file: Path | None = Field(None, description="PEM private key of client_cert_file.")
+    client_key_password: SecretStr | None = Field(None, description="For an encrypted client_key_file.")
 
     @field_validator("ca_file", "client_cert_file", "client_key_file")
     @classmethod
@@ -145,21 +149,28 @@ class UpstreamConfig(_Section):
     @field_validator("headers")
     @classmethod
     def _valid_headers(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        # Names are case-insensitive: kept lower-case, so that one given twice (say, in the file and again in the
+        # environment, whose keys arrive lower-case) is refused instead of sent twice.
+        lowered: dict[str, SecretStr] = {}
         for name, secret in value.items():
-            if not _HEADER_NAME.match(name):
+            if not _HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
-            if name.lower() in _NEVER_FORWARDED:
+            key = name.lower()
+            if key in _NEVER_FORWARDED or key in _GATEWAY_SET:
                 raise ValueError(f"the gateway sets {name} itself")
-            if not _HEADER_VALUE.match(secret.get_secret_value()):
-                raise ValueError(f"the value of {name} holds a control character")
-        return value
+            if key in lowered:
+                raise ValueError(f"{key} is given twice (header names are case-insensitive)")
+            if not _HEADER_VALUE.fullmatch(secret.get_secret_value()):
+                raise ValueError(f"the value of {name} holds a control character (a trailing newline?)")
+            lowered[key] = secret
+        return lowered
 
     @model_validator(mode="after")
     def _consistent(self) -> UpstreamConfig:
-        both = sorted({h.lower() for h in self.headers} & set(self.forward_headers))
+        both = sorted(set(self.headers) & set(self.forward_headers))
         if both:
             raise ValueError(f"headers both set by the gateway and forwarded from clients: {', '.join(both)}")
-        if self.tls.configured and not self.base_url.startswith("https://"):
+        if self.tls.configured and urlsplit(self.base_url).scheme != "https":
             raise ValueError("tls settings need an https:// base_url")
         return self
 

@@ -19,7 +19,7 @@ _WITH_BODY = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 def _is_json(scope: Scope) -> bool:
     ctype: bytes | None = next((v for k, v in scope["headers"] if k == b"content-type"), None)
     if ctype is None:
-        return True  # FastAPI parses a body without a content type as JSON
+        return True  # checked too: cheap, and whatever later parses it meets a body of bounded depth
     media = ctype.split(b";", 1)[0].strip().lower()
     return media == b"application/json" or (media.startswith(b"application/") and media.endswith(b"+json"))
 

@@ -9,6 +9,7 @@ from typing import Annotated, TypeVar
 from fastapi import APIRouter, Path, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
@@ -47,7 +48,11 @@ class LeanAggregate:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request = Request(scope, receive)
-        body = parse_body(request.headers.get("content-type"), await request.body())
+        try:
+            raw = await request.body()
+        except ClientDisconnect:
+            raise ClientDisconnectedError("the client disconnected while sending the body") from None
+        body = parse_body(request.headers.get("content-type"), raw)
         response = await _aggregate(request, body)
         await response(scope, receive, send)
 
@@ -73,6 +78,7 @@ def parse_body(content_type: str | None, raw: bytes) -> AggregateRequest:
         raise RequestValidationError([{"type": "content_type", "loc": ("body",), "msg": message}])
     if not raw:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, which RFC 8259 lets a parser ignore
     try:
         return AggregateRequest.model_validate_json(raw)
     except ValidationError as exc:

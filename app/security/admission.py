@@ -10,9 +10,10 @@ When asked to (``limits.shed_loop_lag_ms``; off by default), the limit follows t
 limit does not see CPU saturation: with fast upstreams, a loop at 100 % of its core admits up to the limit, and
 everything else, refusals and accepts included, waits behind that work. So each loop-lag sample
 (app/observability/looplag.py) steers the limit: a sample over ``target_lag_s`` cuts it by a quarter, down to
-``floor``; each run of five samples under half the target raises it by an eighth, up to the configured limit.
-Fewer requests at once wait less for the loop; the loop stays saturated at 3x overload either way (README,
-"Overload behaviour", has the measured effect).
+``floor``, while at least half the limit is in use (else the limit is not what loads the loop); each run of five
+samples under half the target raises it by an eighth, up to the configured limit. Fewer requests at once wait
+less for the loop; the loop stays saturated at 3x overload either way (README, "Overload behaviour", has the
+measured effect).
 """
 
 from __future__ import annotations
@@ -98,9 +99,14 @@ class Admission:
             return
         self._calm = self._calm + 1 if lag_s < target / 2 else 0
         if lag_s > target:
+            if self.in_flight * 2 < self.limit:
+                # The limit is not what lets work in (a collection, an exempt scrape, a blocking call): cutting it
+                # would shed requests without relieving the loop.
+                return
             limit = max(self.floor, int(self.limit * DECREASE))
         elif self._calm >= CALM_SAMPLES:
             # A saturated loop still has quiet moments: only a run of calm samples shows there is room again.
+            self._calm = 0
             limit = min(self.ceiling, self.limit + max(1, int(self.limit * INCREASE)))
         else:
             return

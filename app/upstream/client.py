@@ -51,7 +51,7 @@ class Upstream:
     budget: RetryBudget
     # The gateway's own headers for this upstream (credentials), and the TLS context its calls use (True: the
     # system's trust store).
-    headers: Mapping[str, str] = field(default_factory=dict)
+    headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     ssl: ssl.SSLContext | bool = True
     in_flight: int = 0
 
@@ -200,7 +200,9 @@ class UpstreamClient:
             if remaining <= MIN_ATTEMPT_S:
                 raise DeadlineExceededError(f"the deadline passed while waiting for a slot on {up.name}")
             per_try = up.config.timeout_ms / 1000
-            send_headers = {**headers, **up.headers}
+            # The client's allowlisted headers, the gateway's own per request, then its credentials for this
+            # upstream; the settings keep the three sets of names apart.
+            send_headers = {**out.headers, **headers, **up.headers}
             send_headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
             up.in_flight += 1
             try:
@@ -266,7 +268,10 @@ def _tls_context(name: str, cfg: UpstreamConfig) -> ssl.SSLContext:
     try:
         context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file is not None else None)
         if tls.client_cert_file is not None and tls.client_key_file is not None:
-            context.load_cert_chain(tls.client_cert_file, tls.client_key_file)
+            # A password always, even an empty one: without it OpenSSL would prompt on the terminal for an
+            # encrypted key.
+            password = tls.client_key_password.get_secret_value() if tls.client_key_password is not None else ""
+            context.load_cert_chain(tls.client_cert_file, tls.client_key_file, password=password)
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"upstream {name}: its TLS files cannot be used: {exc}") from exc
     return context

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client import generate_latest
 
 from tests.aggregate.conftest import post_aggregate, upstream_cfg
+from tests.security.conftest import metric
 from tests.support.gateway import make_settings, running_gateway
 from tests.support.upstream import Behavior, UpstreamServer
 
@@ -167,3 +171,28 @@ async def test_a_body_that_is_not_json_is_named_as_such(upstream: UpstreamServer
         assert (await post(valid, "application/json; charset=utf-8"))[0] == 200
         assert (await post(valid, "application/merge-patch+json"))[0] == 200
     assert upstream.count() == 2
+
+
+async def test_a_client_gone_while_sending_its_body_is_no_error(
+    upstream: UpstreamServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = make_settings(upstreams={"a": upstream_cfg(upstream.url)})
+    async with running_gateway(settings) as gw:
+        host, port = gw.url.removeprefix("http://").split(":")
+        _, writer = await asyncio.open_connection(host, int(port))
+        head = (
+            f"POST /aggregate HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+        )
+        writer.write(head.encode() + b'{"sources":')
+        await writer.drain()
+        writer.close()
+        await writer.wait_closed()
+        deadline = asyncio.get_running_loop().time() + 10
+        while True:
+            text = generate_latest(gw.state.metrics.registry).decode()
+            if metric(text, "gateway_http_requests_total", route="/aggregate", method="POST", status="499") == 1:
+                break
+            assert asyncio.get_running_loop().time() < deadline, "the gateway never finished the request"
+            await asyncio.sleep(0.01)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a client going away is not an error"
+    assert upstream.count() == 0

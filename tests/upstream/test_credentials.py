@@ -11,6 +11,7 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+from cryptography.hazmat.primitives import serialization
 
 from app.errors import ConfigError, StartupError
 from app.main import create_app
@@ -87,9 +88,15 @@ async def test_a_client_cannot_send_or_replace_the_gateways_credentials(upstream
     async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
         spec = {"upstream": "u", "path": "/me", "headers": {"Authorization": "Bearer mine"}}
         status, body, _ = await post_aggregate(client, gw.url, {"s": spec})
-    assert status == 422
-    assert body["errors"][0]["type"] == "header_not_allowed"
-    assert upstream.count() == 0
+        assert status == 422
+        assert body["errors"][0]["type"] == "header_not_allowed"
+        assert upstream.count() == 0
+        # An allowlisted header of the client's goes along with the gateway's own.
+        spec = {"upstream": "u", "path": "/me", "headers": {"Accept-Language": "de"}}
+        status, body, _ = await post_aggregate(client, gw.url, {"s": spec})
+    assert status == 200, body
+    (request,) = upstream.requests
+    assert (request.headers["accept-language"], request.headers["authorization"]) == ("de", TOKEN)
     with pytest.raises(ValueError, match="both set by the gateway and forwarded"):
         make_settings(upstreams={"u": {**cfg, "forward_headers": ["authorization"]}})
 
@@ -110,6 +117,9 @@ def test_credentials_never_show(tmp_path: Path) -> None:
         ({"X-Request-Deadline-Ms": "1"}, "the gateway sets X-Request-Deadline-Ms itself"),
         ({"Bad Name": "x"}, "is not a valid header name"),
         ({"X-Token": "a\r\nInjected: yes"}, "holds a control character"),
+        ({"X-Token": "from-a-file\n"}, "holds a control character (a trailing newline?)"),
+        ({"Content-Type": "text/plain"}, "the gateway sets Content-Type itself"),
+        ({"X-Token": "a", "x-token": "b"}, "x-token is given twice"),
     ],
 )
 def test_bad_headers_are_refused_by_key_path(tmp_path: Path, headers: dict[str, str], problem: str) -> None:
@@ -164,3 +174,25 @@ async def test_unusable_tls_files_stop_the_start_naming_the_upstream(tmp_path: P
         async with app.router.lifespan_context(app):
             pytest.fail("the lifespan must not start")
     assert app.state.gateway.http._session.closed, "what was opened before is closed again"
+
+
+async def test_an_encrypted_client_key_needs_its_password(
+    mtls_upstream: UpstreamServer, pem: dict[str, Path], tmp_path: Path
+) -> None:
+    key = serialization.load_pem_private_key(pem["key"].read_bytes(), password=None)
+    encrypted = tmp_path / "client-encrypted.key"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"open sesame"),
+        )
+    )
+    tls = {"ca_file": str(pem["ca"]), "client_cert_file": str(pem["cert"]), "client_key_file": str(encrypted)}
+    with_password = upstream_cfg(mtls_upstream.url, tls={**tls, "client_key_password": "open sesame"})
+    assert (await fetch(make_settings(upstreams={"u": with_password})))["ok"] is True
+    # Without it the start fails at once, naming the upstream (and never waits on a passphrase prompt).
+    app = create_app(make_settings(upstreams={"u": upstream_cfg(mtls_upstream.url, tls=tls)}))
+    with pytest.raises(StartupError, match="upstream u: its TLS files cannot be used"):
+        async with app.router.lifespan_context(app):
+            pytest.fail("the lifespan must not start")
