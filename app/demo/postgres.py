@@ -85,6 +85,11 @@ class EmbeddedPostgres:
         return self._base_dir
 
     @property
+    def pid(self) -> int | None:
+        """The postmaster's pid while it runs."""
+        return self._proc.pid if self.running and self._proc is not None else None
+
+    @property
     def running(self) -> bool:
         return self._proc is not None and self._proc.poll() is None
 

@@ -45,7 +45,8 @@ def _wait_for_port_file(path: Path, proc: subprocess.Popen[bytes], name: str) ->
 
 
 @contextlib.contextmanager
-def _upstream_processes(tmp: Path, latency_ms: float, failure_rate: float) -> Iterator[dict[str, int]]:
+def _upstream_processes(tmp: Path, latency_ms: float, failure_rate: float) -> Iterator[dict[str, tuple[int, int]]]:
+    """Start the demo upstreams; yields ``{name: (port, pid)}``."""
     procs: list[subprocess.Popen[bytes]] = []
     try:
         ports: dict[str, int] = {}
@@ -75,7 +76,7 @@ def _upstream_processes(tmp: Path, latency_ms: float, failure_rate: float) -> It
             )
             procs.append(proc)
             ports[name] = _wait_for_port_file(port_file, proc, name)
-        yield ports
+        yield {name: (port, proc.pid) for (name, port), proc in zip(ports.items(), procs, strict=True)}
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -131,8 +132,8 @@ def run_demo(*, port: int, latency_ms: float, failure_rate: float) -> int:
         with EmbeddedPostgres(base_dir=tmp / "pg") as pg:
             seed(pg.dsn, load_demo_seed())
             print("starting demo upstreams ...", flush=True)
-            with _upstream_processes(tmp, latency_ms, failure_rate) as ports:
-                for name, upstream_port in ports.items():
+            with _upstream_processes(tmp, latency_ms, failure_rate) as upstreams:
+                for name, (upstream_port, _) in upstreams.items():
                     config["upstreams"][name]["base_url"] = f"http://127.0.0.1:{upstream_port}"
                 config["database_url"] = pg.dsn
                 config["server"]["port"] = port
@@ -141,4 +142,6 @@ def run_demo(*, port: int, latency_ms: float, failure_rate: float) -> int:
                 except ValueError as exc:  # a broken bundled config is a bug, but say so plainly
                     raise ConfigError([str(exc)]) from exc
                 os.environ.setdefault("PYTHONUNBUFFERED", "1")
-                return serve(settings, on_ready=_print_banner)
+                # The database and the upstreams are the demo's: it stops them, in order, once the gateway is done.
+                own = {pid for _, pid in upstreams.values()} | ({pg.pid} if pg.pid is not None else set())
+                return serve(settings, on_ready=_print_banner, keep_children=own)

@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 log = logging.getLogger("app.lifecycle")
 
@@ -67,19 +67,23 @@ def _helper_pids() -> set[int]:
     return pids
 
 
-def stop_leftover_children(timeout: float = 1.0) -> int:
-    """Terminate, then kill, every descendant still running except the standard library's helpers.
+def stop_leftover_children(timeout: float = 1.0, *, keep: Collection[int] = ()) -> int:
+    """Terminate, then kill, every descendant still running except the standard library's helpers, and ``keep``
+    and their own descendants (processes the caller owns and stops itself, such as the demo's database).
 
     Called after the lifespan closed everything: normally nothing is left, and anything that is, is a bug that
     would otherwise outlive the gateway as an orphan. Returns how many were left.
     """
     import psutil
 
-    helpers = _helper_pids()
+    spared = _helper_pids() | set(keep)
     try:
+        for pid in keep:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                spared.update(p.pid for p in psutil.Process(pid).children(recursive=True))
         # Recursive: the forkserver's workers are its children, not the gateway's.
         descendants = psutil.Process().children(recursive=True)
-        leftovers = [p for p in descendants if p.pid not in helpers and p.status() != psutil.STATUS_ZOMBIE]
+        leftovers = [p for p in descendants if p.pid not in spared and p.status() != psutil.STATUS_ZOMBIE]
     except psutil.Error:
         return 0
     if not leftovers:

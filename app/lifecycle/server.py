@@ -20,7 +20,7 @@ import math
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -172,8 +172,11 @@ def serve(
     *,
     on_ready: Callable[[GatewayServer], None] | None = None,
     early: EarlySignals | None = None,
+    keep_children: Collection[int] = (),
 ) -> int:
-    """Serve until SIGTERM/SIGINT, drain, and return the process exit code (see the module docstring)."""
+    """Serve until SIGTERM/SIGINT, drain, and return the process exit code (see the module docstring).
+
+    ``keep_children``: processes of the caller's (and their descendants) that outlive the gateway on purpose."""
     if early is None:
         early = EarlySignals().install()
     watchdog = Watchdog(_watchdog_expired)
@@ -183,7 +186,7 @@ def serve(
     if watchdog.fired:
         # Killing the children may have released what was stuck; the watchdog still decides how this ends.
         return EXIT_WATCHDOG
-    children.stop_leftover_children()
+    children.stop_leftover_children(keep=keep_children)
     if server.stopped_before_start:
         return EXIT_OK
     if not server.started:

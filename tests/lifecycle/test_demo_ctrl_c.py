@@ -51,5 +51,6 @@ def test_demo_ctrl_c_twice_exits_0_without_a_traceback(tmp_path: Path) -> None:
     assert code == 0, output
     assert "Traceback" not in output
     assert "leaked" not in output
+    assert "outlived the lifespan" not in output, "the demo stops its own database and upstreams, in order"
     assert "second signal (SIGINT)" in output
     assert leftover_processes(marker) == [], "the demo left processes behind"
