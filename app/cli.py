@@ -63,10 +63,11 @@ def main(argv: list[str] | None = None) -> None:
 def _check_config(path: Path) -> int:
     from app.security.guard import startup_problems
     from app.settings import load_settings
+    from app.upstream.client import tls_problems
 
     try:
         settings = load_settings(path)
-        problems = startup_problems(settings)
+        problems = startup_problems(settings) + tls_problems(settings)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:

@@ -275,3 +275,15 @@ def _tls_context(name: str, cfg: UpstreamConfig) -> ssl.SSLContext:
     except (OSError, ssl.SSLError) as exc:
         raise StartupError(f"upstream {name}: its TLS files cannot be used: {exc}") from exc
     return context
+
+
+def tls_problems(settings: Settings) -> list[str]:
+    """Each upstream whose TLS files cannot be used, as ``gateway check-config`` reports it (nothing is sent)."""
+    problems = []
+    for name, cfg in settings.upstreams.items():
+        if cfg.tls.configured:
+            try:
+                _tls_context(name, cfg)
+            except StartupError as exc:
+                problems.append(f"upstreams.{name}.tls: {exc}")
+    return problems

@@ -4,6 +4,8 @@ TLS), against real HTTPS servers on loopback with certificates made for the test
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -196,3 +198,23 @@ async def test_an_encrypted_client_key_needs_its_password(
     with pytest.raises(StartupError, match="upstream u: its TLS files cannot be used"):
         async with app.router.lifespan_context(app):
             pytest.fail("the lifespan must not start")
+
+
+def test_check_config_loads_the_tls_files(tmp_path: Path, pem: dict[str, Path]) -> None:
+    garbage = tmp_path / "not-a-key.pem"
+    garbage.write_text("not a key")
+
+    def check(key: Path) -> subprocess.CompletedProcess[str]:
+        path = tmp_path / "gateway.toml"
+        path.write_text(
+            '[auth]\nenabled = false\n[upstreams.u]\nbase_url = "https://127.0.0.1:9"\n'
+            f'tls = {{ client_cert_file = "{pem["cert"]}", client_key_file = "{key}" }}\n'
+        )
+        cmd = [sys.executable, "-m", "app", "check-config", str(path)]
+        return subprocess.run(cmd, capture_output=True, text=True, check=False)
+
+    assert check(pem["key"]).returncode == 0
+    bad = check(garbage)
+    assert bad.returncode == 2
+    assert "upstreams.u.tls: upstream u: its TLS files cannot be used" in bad.stderr
+    assert "Traceback" not in bad.stderr
