@@ -63,10 +63,9 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         app.include_router(module.router)
     if settings.observability.admin_port is None:
         app.include_router(metrics.router)
-    if settings.auth.enabled:
-        # Operators reach /debug here too, with an `admin` key (the admin listener, when there is one, needs none);
-        # never anonymously. Kept out of the public API's schema: it describes the API clients call, not the
-        # operators' tools.
+    if settings.auth.enabled and settings.observability.admin_port is None:
+        # Without an admin listener, operators reach /debug here, with an `admin` key; never anonymously. Kept out
+        # of the public API's schema: it describes the API clients call, not the operators' tools.
         app.include_router(debug.router, include_in_schema=False)
     rules = AccessRules()
     unruled = rules.unruled(_paths(app.routes))

@@ -1,5 +1,5 @@
-"""Operator endpoints: what the gateway is doing right now. Served on the admin listener, and on the public one
-to keys with the `admin` scope (authentication on); never anonymously on the public listener."""
+"""Operator endpoints: what the gateway is doing right now. Served on the admin listener; without one, on the
+public listener to keys with the `admin` scope (authentication on); never anonymously on the public listener."""
 
 from __future__ import annotations
 

@@ -160,6 +160,16 @@ async def test_the_public_listener_serves_debug_to_admin_keys_only() -> None:
     assert not [path for path in schema["paths"] if path.startswith("/debug")]
 
 
+async def test_with_an_admin_listener_debug_is_there_only() -> None:
+    admin = new_key("ops", ["admin"])
+    settings = make_settings(auth=auth_with(admin), observability={"admin_port": 0})
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        async with client.get(f"{gw.url}/debug/pools", headers=admin.bearer) as resp:
+            assert resp.status == 404
+        async with client.get(f"http://127.0.0.1:{gw.state.admin_port}/debug/pools") as resp:
+            assert resp.status == 200
+
+
 async def test_without_authentication_debug_stays_off_the_public_listener() -> None:
     async with (
         running_gateway(make_settings()) as gw,
