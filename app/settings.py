@@ -104,6 +104,8 @@ class UpstreamTls(_Section):
     def _cert_with_key(self) -> UpstreamTls:
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError("client_cert_file and client_key_file go together")
+        if self.client_key_password is not None and self.client_key_file is None:
+            raise ValueError("client_key_password needs client_key_file")
         return self
 
     @property
@@ -417,7 +419,7 @@ class TracingSettings(_Section):
 
 class ObservabilitySettings(_Section):
     admin_host: str | None = Field(None, description="Admin listener address; default: server.host.")
-    admin_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics here instead of publicly.")
+    admin_port: int | None = Field(None, ge=0, le=65535, description="Serve /metrics and /debug here, not publicly.")
     blocking_threshold_ms: PositiveMs = 100.0
     loop_lag_interval_ms: PositiveMs = 100.0
     access_log: bool = True
@@ -531,6 +533,21 @@ def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any
     return merged
 
 
+def _lower_header_names(data: dict[str, Any]) -> dict[str, Any]:
+    """Upstream header names in lower case, so that a variable overrides the file's value whatever the file's
+    spelling (variable names arrive lower-case). A name spelt twice in one source is left for validation."""
+    upstreams = data.get("upstreams")
+    if not isinstance(upstreams, dict):
+        return data
+    for upstream in upstreams.values():
+        headers = upstream.get("headers") if isinstance(upstream, dict) else None
+        if isinstance(headers, dict):
+            lowered = {str(name).lower(): value for name, value in headers.items()}
+            if len(lowered) == len(headers):
+                upstream["headers"] = lowered
+    return data
+
+
 def _format_error(err: dict[str, Any]) -> str:
     loc = ".".join(str(part) for part in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
@@ -559,7 +576,7 @@ def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings
         except SettingsError as exc:
             # A variable holding a list or table must be JSON; the message names the field, never the value.
             raise ConfigError([f"environment: {exc} (a list or table must be JSON)"]) from exc
-        data = _deep_merge(data, env)
+        data = _deep_merge(_lower_header_names(data), _lower_header_names(env))
     try:
         return Settings(**data)
     except ValidationError as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator
 
 # pydantic reads these for the OpenAPI document, and on Python 3.11 only typing_extensions' TypedDict carries what
 # it needs.
@@ -13,6 +13,10 @@ from typing_extensions import TypedDict
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
 Scalar = Annotated[str, Field(max_length=4096)] | int | float | bool
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
+# An RFC 9110 token, and a value without CR, LF, NUL or other controls: anything else would break the request line
+# the gateway writes upstream (the HTTP client refuses it, too late to be the client's 422).
+HeaderName = Annotated[str, Field(max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
+HeaderValue = Annotated[str, Field(max_length=8192, pattern=r"^[\t\x20-\x7e\x80-\uffff]*$")]
 
 
 class UpstreamSourceSpec(BaseModel):
@@ -23,9 +27,18 @@ class UpstreamSourceSpec(BaseModel):
     method: Method = "GET"
     params: dict[Annotated[str, Field(max_length=256)], Scalar] = Field(default_factory=dict, max_length=64)
     body: Any = Field(None, alias="json")
-    headers: dict[Annotated[str, Field(max_length=256)], Annotated[str, Field(max_length=8192)]] = Field(
-        default_factory=dict, max_length=32
-    )
+    headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=32)
+
+    @field_validator("headers")
+    @classmethod
+    def _one_spelling_each(cls, value: dict[str, str]) -> dict[str, str]:
+        # Names are case-insensitive: one given twice in different cases would reach the upstream as either.
+        seen: set[str] = set()
+        for name in value:
+            if name.lower() in seen:
+                raise ValueError(f"header {name.lower()} is given twice")
+            seen.add(name.lower())
+        return value
 
 
 class QuerySourceSpec(BaseModel):

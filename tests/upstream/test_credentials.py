@@ -218,3 +218,20 @@ def test_check_config_loads_the_tls_files(tmp_path: Path, pem: dict[str, Path]) 
     assert bad.returncode == 2
     assert "upstreams.u.tls: upstream u: its TLS files cannot be used" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_the_environment_overrides_a_credential_whatever_the_files_spelling(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "gateway.toml"
+    path.write_text('[auth]\nenabled = false\n[upstreams.u]\nbase_url = "http://127.0.0.1:9"\n'
+                    'headers = { Authorization = "Bearer from-the-file" }\n')  # fmt: skip
+    monkeypatch.setenv("GATEWAY_UPSTREAMS__U__HEADERS__AUTHORIZATION", "Bearer rotated")
+    headers = load_settings(path).upstreams["u"].headers
+    assert {name: value.get_secret_value() for name, value in headers.items()} == {"authorization": "Bearer rotated"}
+
+
+def test_a_key_password_needs_a_key(pem: dict[str, Path]) -> None:
+    tls = {"ca_file": str(pem["ca"]), "client_key_password": "x"}
+    with pytest.raises(ValueError, match="client_key_password needs client_key_file"):
+        make_settings(upstreams={"u": {"base_url": "https://127.0.0.1:9", "tls": tls}})
