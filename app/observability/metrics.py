@@ -22,8 +22,7 @@ from prometheus_client.registry import Collector
 from app import __version__
 
 if TYPE_CHECKING:
-    from app.compute.stats import JobRecord
-    from app.compute.workers import ExitReason
+    from app.compute.stats import ExitReason, JobRecord
     from app.state import GatewayState
     from app.upstream.breaker import BreakerState
 
