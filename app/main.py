@@ -8,21 +8,14 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
-from fastapi.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 
 from app import __version__, problems
 from app.errors import ConfigError
-from app.lifecycle.inflight import InFlight, InFlightMiddleware
+from app.lifecycle.inflight import InFlight
 from app.lifecycle.lifespan import build_lifespan, expected_resources
 from app.lifecycle.readiness import Readiness
-from app.middleware.auth import AuthMiddleware
-from app.middleware.body_limit import BodyLimitMiddleware
-from app.middleware.json_depth import JsonDepthMiddleware
-from app.middleware.request_id import RequestIdMiddleware
-from app.middleware.request_limits import RequestLimitsMiddleware
-from app.middleware.security_headers import SecurityHeadersMiddleware
-from app.observability.http import HttpMetricsMiddleware
+from app.middleware.front import Front
 from app.openapi import install_openapi
 from app.responses import JSONResponse
 from app.routes import aggregate, debug, health, metrics, transform
@@ -40,8 +33,10 @@ UNSHED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 @dataclass(frozen=True, eq=False)
 class Gateway:
-    """The app, and the state its server and lifespan share with it."""
+    """What the server runs (``asgi``: the front layer around the app), the FastAPI app itself, and the state the
+    three share."""
 
+    asgi: Front
     app: FastAPI
     state: GatewayState
 
@@ -87,7 +82,8 @@ def build_gateway(settings: Settings, *, tracer_provider: TracerProvider | None 
     app.state.gateway = state
     problems.install(app)
     # First in line, ahead of the routes FastAPI builds: the lean endpoint of the hottest route.
-    app.router.routes.append(aggregate.lean_route())
+    hot_route = aggregate.lean_route()
+    app.router.routes.append(hot_route)
     for module in (health, aggregate, transform):
         app.include_router(module.router)
     if settings.observability.admin_port is None:
@@ -101,47 +97,20 @@ def build_gateway(settings: Settings, *, tracer_provider: TracerProvider | None 
     if unruled:
         raise ConfigError([f"route {path} has no access rule in app/security/access.py" for path in unruled])
     install_openapi(app, rules, auth=settings.auth.enabled)
-    _add_middleware(app, state, rules)
-    return Gateway(app=app, state=state)
-
-
-def _add_middleware(app: FastAPI, state: GatewayState, rules: AccessRules) -> None:
-    settings = state.settings
-    limits = settings.limits
-    # Added innermost first (Starlette wraps each new one around the previous). Before all of them, in the HTTP
-    # protocol: the head's size and time bounds, and the global in-flight limit. From the outside in:
-    #   in flight        counted for the drain, which cancels what overruns it (its 503 passes no other layer)
-    #   request id       every answer carries one, even a shed 503
-    #   metrics          counts every answer, shed and refused ones too
-    #   security headers on every answer
-    #   CORS             only when origins are configured; outside the refusals, so a browser can read them
-    #   request limits   header count and size, URL, query parameters: the head only, nothing read yet
-    #   auth             401 / 403 / 429 before any body is read
-    #   body limit       413 while the body streams in
-    #   JSON depth       400 before any parser recurses
-    # /transform streams and checks its own (much larger) bodies, shape and rank included, without buffering them.
-    app.add_middleware(JsonDepthMiddleware, max_depth=limits.max_json_depth, exempt=("/transform",))
-    app.add_middleware(
-        BodyLimitMiddleware, default=limits.max_body_bytes, limits={"/transform": settings.compute.max_body_bytes}
+    # Around the app, not inside it: one layer holds every cross-cutting rule (app/middleware/front.py has them in
+    # order), and serves POST /aggregate without the framework's per-request layers. Before it, in the HTTP
+    # protocol, the head's size and time bounds and the global in-flight limit. /transform streams and checks its
+    # own (much larger) bodies, shape and rank included, without buffering them.
+    front = Front(
+        app,
+        state=state,
+        rules=rules,
+        hot=aggregate.serve_hot,
+        hot_route=hot_route,
+        body_limits={"/transform": settings.compute.max_body_bytes},
+        exempt_from_depth=("/transform",),
     )
-    if settings.auth.enabled:
-        app.add_middleware(AuthMiddleware, rules=rules, state=state)
-    app.add_middleware(RequestLimitsMiddleware, limits=limits)
-    cors = settings.cors
-    if cors.allow_origins:
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=cors.allow_origins,
-            allow_credentials=cors.allow_credentials,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type", "X-Request-ID"],
-            expose_headers=["X-Request-ID", "X-Aggregate-Complete", "Retry-After"],
-            max_age=cors.max_age_s,
-        )
-    app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(HttpMetricsMiddleware, state=state)
-    app.add_middleware(RequestIdMiddleware)
-    app.add_middleware(InFlightMiddleware, in_flight=state.in_flight)
+    return Gateway(asgi=front, app=app, state=state)
 
 
 def _paths(routes: list[BaseRoute]) -> list[str]:

@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Scope
 
 from app.errors import NotReadyError, ProblemError, ResourceClosedError
 from app.responses import ProblemResponse, dumps
@@ -65,39 +66,31 @@ def _validation_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return out
 
 
-async def _problem_error(request: Request, exc: Exception) -> ProblemResponse:
-    assert isinstance(exc, ProblemError)
-    return response_for(exc)
-
-
-async def _request_validation(request: Request, exc: Exception) -> ProblemResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = _validation_errors(exc)
-    return problem(
-        422, "validation", "Request validation failed", f"{len(errors)} problem(s) in the request", errors=errors
-    )
-
-
-async def _http_exception(request: Request, exc: Exception) -> ProblemResponse:
-    assert isinstance(exc, StarletteHTTPException)
-    slug = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}.get(
-        exc.status_code, "http"
-    )
-    return problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {}))
-
-
-async def _closed(request: Request, exc: Exception) -> ProblemResponse:
-    return response_for(NotReadyError(str(exc)))
-
-
-async def _unhandled(request: Request, exc: Exception) -> ProblemResponse:
-    log.exception("unhandled error on %s %s", request.method, request.url.path)
+def response_for_exception(scope: Scope, exc: Exception) -> ProblemResponse:
+    """The problem response for any exception: the gateway's own, the framework's, or a bug (logged, answered 500
+    without a trace). The app's exception handlers and the front layer (app/middleware/front.py) both use it."""
+    if isinstance(exc, ProblemError):
+        return response_for(exc)
+    if isinstance(exc, RequestValidationError):
+        errors = _validation_errors(exc)
+        detail = f"{len(errors)} problem(s) in the request"
+        return problem(422, "validation", "Request validation failed", detail, errors=errors)
+    if isinstance(exc, StarletteHTTPException):
+        slug = _HTTP_SLUGS.get(exc.status_code, "http")
+        return problem(exc.status_code, slug, str(exc.detail), str(exc.detail), headers=dict(exc.headers or {}))
+    if isinstance(exc, ResourceClosedError):
+        return response_for(NotReadyError(str(exc)))
+    log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"), exc_info=exc)
     return problem(500, "internal", "Internal error", "the gateway failed to answer; the error was logged")
 
 
+_HTTP_SLUGS = {400: "bad-request", 404: "not-found", 405: "method-not-allowed", 413: "payload-too-large"}
+
+
+async def _handler(request: Request, exc: Exception) -> ProblemResponse:
+    return response_for_exception(request.scope, exc)
+
+
 def install(app: FastAPI) -> None:
-    app.add_exception_handler(ProblemError, _problem_error)
-    app.add_exception_handler(RequestValidationError, _request_validation)
-    app.add_exception_handler(StarletteHTTPException, _http_exception)
-    app.add_exception_handler(ResourceClosedError, _closed)
-    app.add_exception_handler(Exception, _unhandled)
+    for kind in (ProblemError, RequestValidationError, StarletteHTTPException, ResourceClosedError, Exception):
+        app.add_exception_handler(kind, _handler)

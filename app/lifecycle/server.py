@@ -140,7 +140,7 @@ def build_server(
     gateway = build_gateway(settings, tracer_provider=tracer_provider)
     drain = Drain(settings.server, gateway.state.in_flight, watchdog=watchdog)
     config = uvicorn.Config(
-        gateway.app,
+        gateway.asgi,
         host=settings.server.host,
         port=settings.server.port,
         loop=settings.server.loop,
@@ -151,6 +151,8 @@ def build_server(
         log_config=None,
         access_log=False,
         server_header=False,
+        # No client address is used (limits are per key, logs name no address): no X-Forwarded-* rewriting layer.
+        proxy_headers=False,
         timeout_keep_alive=math.ceil(settings.server.keepalive_timeout_s),
         timeout_graceful_shutdown=math.ceil(settings.server.drain_timeout_s) + UVICORN_BACKSTOP_S,
     )

@@ -1,2 +1,1 @@
-"""Pure ASGI middleware: cheap and streaming-safe. Only the JSON depth check holds a body whole, and only a JSON
-body the app would parse whole anyway, already capped by the body limit."""
+"""ASGI middleware. One layer, app/middleware/front.py, holds every cross-cutting rule a request meets."""

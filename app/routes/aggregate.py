@@ -57,6 +57,15 @@ class LeanAggregate:
         await response(scope, receive, send)
 
 
+async def serve_hot(scope: Scope, body: bytes, receive: Receive, send: Send) -> None:
+    """POST /aggregate as the front layer serves it (app/middleware/front.py): with the whole body, already
+    bounded in size and depth. Raises what _aggregate raises; the front answers it."""
+    request = Request(scope, receive)
+    parsed = parse_body(request.headers.get("content-type"), body)
+    response = await _aggregate(request, parsed)
+    await response(scope, receive, send)
+
+
 class _LeanRoute(Route):
     def matches(self, scope: Scope) -> tuple[Match, Scope]:
         match, child_scope = super().matches(scope)

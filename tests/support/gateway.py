@@ -47,7 +47,7 @@ class RunningGateway:
 
     @property
     def state(self) -> Any:
-        return self.server.config.app.state.gateway  # type: ignore[attr-defined]
+        return self.server.gateway.state
 
 
 @contextlib.asynccontextmanager
