@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import secrets
 import signal
 import time
 from pathlib import Path
@@ -113,7 +113,7 @@ async def test_request_past_drain_timeout_is_cancelled(tmp_path: Path, pg_dsn: s
     gw = start_serve(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn})
     slow_upstream = {"sources": {"never": {"upstream": "slow", "path": "/hang"}}, "deadline_ms": 20000}
     # A value of its own, so that only this test's query matches in pg_stat_activity.
-    nap = round(15 + random.random(), 6)
+    nap = 15 + secrets.randbelow(10**6) / 10**6
     slow_query = {"sources": {"nap": {"query": "sleep", "params": {"seconds": nap}}}, "deadline_ms": 20000}
     try:
         await gw.wait_ready()
@@ -264,7 +264,7 @@ async def test_a_wedged_shutdown_still_ends_within_the_bound(
     sems_before = sem_files()
     gw = start_serve(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn})
     # A value of its own, so that only this test's query matches in pg_stat_activity.
-    nap = round(20 + random.random(), 6)
+    nap = 20 + secrets.randbelow(10**6) / 10**6
     wedged: list[psutil.Process] = []
     try:
         await gw.wait_ready()
