@@ -1,4 +1,5 @@
-"""Fixtures shared by every test: real PostgreSQL, real upstream servers, the real app."""
+"""Fixtures shared by every test: real PostgreSQL, real upstream servers, the real app; and the session's check
+that nothing was left behind (tests/support/session.py)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,32 @@ from collections.abc import Iterator
 import pytest
 
 from app.demo.postgres import load_demo_seed
-from tests.support.postgres import isolated_schema, server_url
+from tests.support.postgres import isolated_schema, left_schemas, server_url
+from tests.support.session import SESSION
 from tests.support.upstream import UpstreamServer
+
+_left_behind: list[str] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    SESSION.start()
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """Fail the run if it left a multiprocessing directory, a shared-memory segment or a schema behind; the
+    directories and segments are removed either way (once named), so nothing piles up."""
+    _left_behind.extend(SESSION.leftovers())
+    _left_behind.extend(f"schema {schema} on {url}" for schema, url in left_schemas().items())
+    SESSION.clean()
+    if _left_behind and session.exitstatus == pytest.ExitCode.OK:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if _left_behind:
+        terminalreporter.section("left behind by this run (fails it)", red=True)
+        for entry in _left_behind:
+            terminalreporter.line(entry)
 
 
 @pytest.fixture(scope="session")

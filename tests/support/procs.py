@@ -26,6 +26,7 @@ import aiohttp
 import psutil
 
 from tests.support.net import free_port
+from tests.support.session import SHM_PREFIX
 
 MARKER = "GATEWAY_TEST_INSTANCE"
 SHM = Path("/dev/shm")
@@ -167,8 +168,8 @@ def leftover_processes(marker: str, *, wait: float = 10.0) -> list[psutil.Proces
 
 
 def shm_segments() -> set[str]:
-    """Shared memory segments of the gateway's naming (`gateway*`)."""
-    return {p.name for p in SHM.glob("gateway*")} if SHM.is_dir() else set()
+    """Shared memory segments of this session's gateways (their prefix, SHM_PREFIX, comes with the environment)."""
+    return {p.name for p in SHM.glob(f"{SHM_PREFIX}*")} if SHM.is_dir() else set()
 
 
 def new_shm_segments(before: set[str], *, wait: float = 2.0) -> set[str]:

@@ -1,0 +1,62 @@
+"""What a test session may leave behind, kept where it can be found, and the check that it left nothing.
+
+Every process the tests start inherits two things from this session (set in ``tests/conftest.py`` before any
+test runs):
+
+- ``TMPDIR``: a directory of this session's own. A child killed with SIGKILL, or ended by the drain's watchdog
+  with ``os._exit``, cannot remove multiprocessing's ``pymp-*`` directory; here it is found, named and removed,
+  instead of piling up in /tmp. The session's own process keeps the real temporary directory (pytest's base
+  temp, and its own ``pymp-*``, which multiprocessing removes at exit, after this check).
+- ``GATEWAY_COMPUTE__SHM_PREFIX``: a shared-memory prefix of this session's own, so that the check sees only
+  segments this session's gateways created, even with other test runs on the machine.
+
+At the end, a ``pymp-*`` directory in the session's TMPDIR, a segment with the session's prefix in /dev/shm, or a
+``gwtest_*`` schema this session created (tests/support/postgres.py) fails the run.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+SHM_DIR = Path("/dev/shm")
+# One prefix per test session (the settings allow 16 characters). Named here, not in the environment only, so
+# that in-process settings and the checks agree.
+SHM_PREFIX = f"gwt{os.getpid() % 0xFFFFFF:06x}"
+
+
+class Session:
+    """This session's temporary directory for child processes; create with ``start()``."""
+
+    def __init__(self) -> None:
+        self.tmp: Path | None = None
+
+    def start(self) -> None:
+        # The session's own process keeps the real temporary directory: fix it before TMPDIR changes, so that
+        # tempfile (pytest's base temp, multiprocessing) does not follow the variable.
+        tempfile.tempdir = tempfile.gettempdir()
+        # Short: multiprocessing puts a Unix socket inside (pymp-*/listener-*), and those paths are limited to
+        # 107 bytes.
+        self.tmp = Path(tempfile.mkdtemp(prefix="gwtest-"))
+        os.environ["TMPDIR"] = str(self.tmp)
+        os.environ["GATEWAY_COMPUTE__SHM_PREFIX"] = SHM_PREFIX
+
+    def leftovers(self) -> list[str]:
+        """What child processes of this session left in its TMPDIR and in /dev/shm."""
+        found = [str(p) for p in sorted(self.tmp.glob("pymp-*"))] if self.tmp is not None else []
+        if SHM_DIR.is_dir():
+            found += [str(p) for p in sorted(SHM_DIR.glob(f"{SHM_PREFIX}*"))]
+        return found
+
+    def clean(self) -> None:
+        """Remove the session's TMPDIR and its segments (after ``leftovers()`` has named them)."""
+        if self.tmp is not None:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        if SHM_DIR.is_dir():
+            for path in SHM_DIR.glob(f"{SHM_PREFIX}*"):
+                path.unlink(missing_ok=True)
+
+
+SESSION = Session()
