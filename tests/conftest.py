@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import pytest
 
 from app.demo.postgres import load_demo_seed
+from tests.support.blocking import loop_never_blocked  # noqa: F401  (autouse: every test)
 from tests.support.postgres import isolated_schema, left_schemas, server_url
 from tests.support.session import SESSION
 from tests.support.upstream import UpstreamServer

@@ -25,6 +25,7 @@ from typing import Any
 import aiohttp
 import psutil
 
+from tests.support.blocking import BLOCKED_LOOPS
 from tests.support.net import free_port
 from tests.support.session import SHM_PREFIX
 
@@ -147,6 +148,7 @@ def start_serve(
             env={**os.environ, "GATEWAY_AUTH__ENABLED": "false", **(env or {}), MARKER: marker},
             start_new_session=new_session,
         )
+    BLOCKED_LOOPS.watch_log(stderr_path, proc)
     return ServeProcess(proc, port, stderr_path, marker, wrapped=wrapper is not None)
 
 

@@ -9,6 +9,7 @@ test runs):
   temp, and its own ``pymp-*``, which multiprocessing removes at exit, after this check).
 - ``GATEWAY_COMPUTE__SHM_PREFIX``: a shared-memory prefix of this session's own, so that the check sees only
   segments this session's gateways created, even with other test runs on the machine.
+- ``GATEWAY_OBSERVABILITY__BLOCKING_THRESHOLD_MS``: the suite's limit for a blocked loop (tests/support/blocking.py).
 
 At the end, a ``pymp-*`` directory in the session's TMPDIR, a segment with the session's prefix in /dev/shm, or a
 ``gwtest_*`` schema this session created (tests/support/postgres.py) fails the run.
@@ -20,6 +21,8 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+
+from tests.support.blocking import LIMIT_MS
 
 SHM_DIR = Path("/dev/shm")
 # One prefix per test session (the settings allow 16 characters). Named here, not in the environment only, so
@@ -42,6 +45,8 @@ class Session:
         self.tmp = Path(tempfile.mkdtemp(prefix="gwtest-"))
         os.environ["TMPDIR"] = str(self.tmp)
         os.environ["GATEWAY_COMPUTE__SHM_PREFIX"] = SHM_PREFIX
+        # Every `gateway serve` reports a blocked loop at the suite's limit (tests/support/blocking.py).
+        os.environ["GATEWAY_OBSERVABILITY__BLOCKING_THRESHOLD_MS"] = str(LIMIT_MS)
 
     def leftovers(self) -> list[str]:
         """What child processes of this session left in its TMPDIR and in /dev/shm."""
