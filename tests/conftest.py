@@ -20,6 +20,8 @@ def pytest_configure(config: pytest.Config) -> None:
     SESSION.start()
 
 
+# Last: after the runner's own pytest_sessionfinish, which tears down what is still set up (after -x, say).
+@pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     """Fail the run if it left a multiprocessing directory, a shared-memory segment or a schema behind; the
     directories and segments are removed either way (once named), so nothing piles up."""
