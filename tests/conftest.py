@@ -16,8 +16,13 @@ from tests.support.upstream import UpstreamServer
 _left_behind: list[str] = []
 
 
+# First: before pytest's tmpdir plugin reads --basetemp.
+@pytest.hookimpl(tryfirst=True)
 def pytest_configure(config: pytest.Config) -> None:
     SESSION.start()
+    assert SESSION.tmp is not None
+    if config.option.basetemp is None:
+        config.option.basetemp = str(SESSION.tmp / "pytest")
 
 
 # Last: after the runner's own pytest_sessionfinish, which tears down what is still set up (after -x, say).
@@ -27,12 +32,14 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
     directories and segments are removed either way (once named), so nothing piles up."""
     _left_behind.extend(SESSION.leftovers())
     _left_behind.extend(f"schema {schema} on {url}" for schema, url in left_schemas().items())
-    SESSION.clean()
     if _left_behind and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    SESSION.clean(keep_tmp=session.exitstatus != pytest.ExitCode.OK)
 
 
-def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter, exitstatus: int) -> None:
+    if SESSION.tmp is not None and SESSION.tmp.exists():
+        terminalreporter.line(f"the failed tests' tmp_path are kept in {SESSION.tmp}")
     if _left_behind:
         terminalreporter.section("left behind by this run (fails it)", red=True)
         for entry in _left_behind:

@@ -1,7 +1,7 @@
 """What a test session may leave behind, kept where it can be found, and the check that it left nothing.
 
-Every process the tests start inherits two things from this session (set in ``tests/conftest.py`` before any
-test runs):
+Every process the tests start inherits these from this session (set in ``tests/conftest.py`` before any test
+runs):
 
 - ``TMPDIR``: a directory of this session's own. A child killed with SIGKILL, or ended by the drain's watchdog
   with ``os._exit``, cannot remove multiprocessing's ``pymp-*`` directory; here it is found, named and removed,
@@ -11,8 +11,13 @@ test runs):
   segments this session's gateways created, even with other test runs on the machine.
 - ``GATEWAY_OBSERVABILITY__BLOCKING_THRESHOLD_MS``: the suite's limit for a blocked loop (tests/support/blocking.py).
 
+pytest's own base temporary directory is in the session's directory too (``--basetemp``, unless given): the shared
+/tmp/pytest-of-<user> is closed to other users (chmod 0700) by every pytest run that starts, which cut an embedded
+PostgreSQL of this run, running as its own user under tmp_path, off its data directory.
+
 At the end, a ``pymp-*`` directory in the session's TMPDIR, a segment with the session's prefix in /dev/shm, or a
-``gwtest_*`` schema this session created (tests/support/postgres.py) fails the run.
+``gwtest_*`` schema this session created (tests/support/postgres.py) fails the run. The session's directory is
+removed after a passing run, and kept (its path printed) after a failing one, for the failed tests' tmp_path.
 """
 
 from __future__ import annotations
@@ -55,10 +60,14 @@ class Session:
             found += [str(p) for p in sorted(SHM_DIR.glob(f"{SHM_PREFIX}*"))]
         return found
 
-    def clean(self) -> None:
-        """Remove the session's TMPDIR and its segments (after ``leftovers()`` has named them)."""
+    def clean(self, *, keep_tmp: bool) -> None:
+        """Remove what ``leftovers()`` named, and the session's TMPDIR unless ``keep_tmp``."""
         if self.tmp is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            if keep_tmp:
+                for path in self.tmp.glob("pymp-*"):
+                    shutil.rmtree(path, ignore_errors=True)
+            else:
+                shutil.rmtree(self.tmp, ignore_errors=True)
         if SHM_DIR.is_dir():
             for path in SHM_DIR.glob(f"{SHM_PREFIX}*"):
                 path.unlink(missing_ok=True)
