@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,10 +16,8 @@ import pytest
 from app.compute.stats import JobRecord
 from app.settings import Settings
 from tests.support.gateway import make_settings
+from tests.support.session import SHM_PREFIX
 
-# One prefix per test session, so that the segment checks see only this session's segments even when other test
-# runs share the machine's /dev/shm.
-SHM_PREFIX = f"gwt{os.getpid() % 0xFFFFFF:06x}"
 SHM_DIR = Path("/dev/shm")
 PLUGIN_DIST = Path(__file__).parent / "plugin_dist"
 NPY = "application/x-npy"

@@ -114,7 +114,8 @@ async def test_a_worker_killed_mid_job_fails_that_job_only(monkeypatch: pytest.M
         await await_until(lambda: bool(pool.stats().busy_pids))
         (victim,) = pool.stats().busy_pids
         bystander = asyncio.create_task(run(pool, job("sleep", [2.0], {"ms": 300})))
-        await asyncio.sleep(0.05)
+        # The bystander runs on the other worker when the victim dies.
+        await await_until(lambda: len(pool.stats().busy_pids) == 2, what="both workers busy")
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(WorkerCrashedError, match="SIGKILL"):
             await victim_job
@@ -250,10 +251,14 @@ async def test_aclose_lets_a_running_job_finish_then_stops_every_worker(
     running = asyncio.create_task(request())
     await await_until(lambda: bool(pool.stats().busy_pids))
     closing = asyncio.create_task(pool.aclose())
-    await asyncio.sleep(0.1)
-    assert not closing.done()
+    # The close began while the job ran (its 500 ms), and ended only after the job had: by the order in which
+    # the two finished, not by a look at the close after a while.
+    finished: list[str] = []
+    running.add_done_callback(lambda _: finished.append("job"))
+    closing.add_done_callback(lambda _: finished.append("close"))
     completed = await running
     await closing
+    assert finished == ["job", "close"]
     assert completed.record.outcome == "ok"
     with pytest.raises(ResourceClosedError):
         pool.admit("trig_log")
@@ -268,10 +273,11 @@ async def test_workers_ignore_sigint_and_sigterm(monkeypatch: pytest.MonkeyPatch
         (pid,) = pool.worker_pids
         os.kill(pid, signal.SIGINT)
         os.kill(pid, signal.SIGTERM)
-        await asyncio.sleep(0.2)
-        assert psutil.Process(pid).status() != "zombie"
+        # No wait needed: an ignored signal is discarded when sent, and a fatal or handled one acts before the
+        # worker can read its next job, so this job is answered by the same worker only if it survived both.
         completed = await run(pool, job("trig_log", [0.0]))
         assert completed.record.worker_pid == pid
+        assert psutil.Process(pid).status() != "zombie"
 
 
 async def test_a_transform_that_cannot_load_stops_start_up(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
+import secrets
+import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
@@ -113,7 +115,7 @@ async def test_request_past_drain_timeout_is_cancelled(tmp_path: Path, pg_dsn: s
     gw = start_serve(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn})
     slow_upstream = {"sources": {"never": {"upstream": "slow", "path": "/hang"}}, "deadline_ms": 20000}
     # A value of its own, so that only this test's query matches in pg_stat_activity.
-    nap = round(15 + random.random(), 6)
+    nap = 15 + secrets.randbelow(10**6) / 10**6
     slow_query = {"sources": {"nap": {"query": "sleep", "params": {"seconds": nap}}}, "deadline_ms": 20000}
     try:
         await gw.wait_ready()
@@ -262,9 +264,13 @@ async def test_a_wedged_shutdown_still_ends_within_the_bound(
     timeout = 0.5
     config = write_config(tmp_path, upstream_url=upstream.url, delay=0, timeout=timeout, workers=1)
     sems_before = sem_files()
-    gw = start_serve(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn})
+    # The watchdog ends the gateway with os._exit, so multiprocessing cannot remove its pymp-* directory (the
+    # forkserver's socket): the gateway gets a TMPDIR of its own, removed after it as a supervisor wipes a killed
+    # container's /tmp. (Short, in /tmp: the socket's path is limited to 107 bytes.)
+    own_tmp = Path(tempfile.mkdtemp(prefix="gwtest-wedged-"))
+    gw = start_serve(config, tmp_path, env={"GATEWAY_DATABASE_URL": pg_dsn, "TMPDIR": str(own_tmp)})
     # A value of its own, so that only this test's query matches in pg_stat_activity.
-    nap = round(20 + random.random(), 6)
+    nap = 20 + secrets.randbelow(10**6) / 10**6
     wedged: list[psutil.Process] = []
     try:
         await gw.wait_ready()
@@ -288,6 +294,7 @@ async def test_a_wedged_shutdown_still_ends_within_the_bound(
             with contextlib.suppress(psutil.Error):
                 proc.resume()
                 proc.terminate()
+        shutil.rmtree(own_tmp)
 
     assert code == 5, gw.stderr()
     assert elapsed <= timeout + BOUND_SLACK_S

@@ -72,34 +72,35 @@ async def raw_request(url: str, name: str, body: bytes) -> AsyncIterator[asyncio
             await writer.wait_closed()
 
 
-async def test_two_cpu_bound_requests_on_two_workers_take_about_as_long_as_one() -> None:
+class Overlap(Recorder):
+    """Also keeps the most jobs that were running at once (dispatched to a worker and not finished)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.most_at_once = 0
+
+    def job_started(self, transform: str, queue_wait_s: float) -> None:
+        super().job_started(transform, queue_wait_s)
+        self.most_at_once = max(self.most_at_once, len(self.started) - len(self.records))
+
+
+async def test_two_cpu_bound_requests_run_at_once_on_two_workers() -> None:
+    # Serialised jobs (one worker, or two threads sharing one GIL) never run at once. Here both are dispatched
+    # before either finishes, each to a process of its own, which spends the CPU time itself. (Measured by
+    # wall-clock speed-up, as this test once was, the answer depended on whether the shared machine had two idle
+    # cores at that moment: it failed with a load of 5 on 2 cores.)
     async with running_gateway(compute_settings(workers=2, load_plugins=False)) as gw:
-        recorder = Recorder()
+        status, _, one = await post_json(gw.url, "prime_count", [PRIME_N])
+        assert status == 200
+        recorder = Overlap()
         gw.state.require_cpu().observe(recorder)
-        attempts = []
-        # Serialised jobs (one worker, or two threads sharing one GIL) take 2x one job, and deliver at most one
-        # CPU-second per second. Other processes on this shared 2-core machine can take a core away for a while,
-        # so up to five attempts; in each, the workers' own CPU accounting tells whether both ran at once.
-        for _ in range(5):
-            started = time.perf_counter()
-            status, _, one = await post_json(gw.url, "prime_count", [PRIME_N])
-            single = time.perf_counter() - started
-            assert status == 200
-            recorder.records.clear()
-            started = time.perf_counter()
-            replies = await asyncio.gather(*(post_json(gw.url, "prime_count", [PRIME_N]) for _ in range(2)))
-            double = time.perf_counter() - started
-            assert [r[2] for r in replies] == [one, one]
-            first, second = recorder.records
-            assert first.worker_pid != second.worker_pid
-            cpu_rate = (first.cpu_s + second.cpu_s) / double
-            attempts.append((double / single, cpu_rate))
-            logging.getLogger(__name__).info(
-                "one %.2f s; two at once %.2f s (%.2fx), %.2f CPU-s per s", single, double, double / single, cpu_rate
-            )
-            if double / single < 1.5 or cpu_rate > 1.5:
-                break
-        assert any(ratio < 1.5 or rate > 1.5 for ratio, rate in attempts), attempts
+        replies = await asyncio.gather(*(post_json(gw.url, "prime_count", [PRIME_N]) for _ in range(2)))
+    assert [r[2] for r in replies] == [one, one]
+    assert recorder.most_at_once == 2
+    first, second = recorder.records
+    assert first.worker_pid != second.worker_pid
+    assert first.cpu_s > 0
+    assert second.cpu_s > 0
 
 
 async def test_a_worker_killed_mid_job_gives_that_request_503_and_the_next_one_200() -> None:

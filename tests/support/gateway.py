@@ -20,6 +20,7 @@ from typing import Any
 
 from app.lifecycle.server import GatewayServer, build_server
 from app.settings import Settings
+from tests.support.blocking import BLOCKED_LOOPS, LIMIT_MS
 from tests.support.net import free_port
 
 
@@ -29,6 +30,8 @@ def make_settings(**sections: Any) -> Settings:
         "server": {"host": "127.0.0.1", "port": 0, "drain_delay_s": 0, "drain_timeout_s": 5, "log_format": "text"},
         "database": {"executor_threads": 4, "queue_limit": 4, "min_connections": 1},
         "compute": {"enabled": False, "workers": 1},
+        # A test fails if the loop is blocked this long (tests/support/blocking.py).
+        "observability": {"blocking_threshold_ms": LIMIT_MS},
         # Off explicitly, as it must be: tests of authentication itself pass their own [auth].
         "auth": {"enabled": False},
     }
@@ -144,6 +147,7 @@ def gateway_process(
             env={**os.environ, **(env or {})},
         )
     gw = GatewayProcess(proc, f"http://127.0.0.1:{port}", stderr_path)
+    BLOCKED_LOOPS.watch_log(stderr_path, proc)
     try:
         wait_http_ok(f"{gw.url}/readyz", proc=proc)
         yield gw

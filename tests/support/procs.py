@@ -25,7 +25,9 @@ from typing import Any
 import aiohttp
 import psutil
 
+from tests.support.blocking import BLOCKED_LOOPS
 from tests.support.net import free_port
+from tests.support.session import SHM_PREFIX
 
 MARKER = "GATEWAY_TEST_INSTANCE"
 SHM = Path("/dev/shm")
@@ -146,6 +148,7 @@ def start_serve(
             env={**os.environ, "GATEWAY_AUTH__ENABLED": "false", **(env or {}), MARKER: marker},
             start_new_session=new_session,
         )
+    BLOCKED_LOOPS.watch_log(stderr_path, proc)
     return ServeProcess(proc, port, stderr_path, marker, wrapped=wrapper is not None)
 
 
@@ -167,8 +170,8 @@ def leftover_processes(marker: str, *, wait: float = 10.0) -> list[psutil.Proces
 
 
 def shm_segments() -> set[str]:
-    """Shared memory segments of the gateway's naming (`gateway*`)."""
-    return {p.name for p in SHM.glob("gateway*")} if SHM.is_dir() else set()
+    """Shared memory segments of this session's gateways (their prefix, SHM_PREFIX, comes with the environment)."""
+    return {p.name for p in SHM.glob(f"{SHM_PREFIX}*")} if SHM.is_dir() else set()
 
 
 def new_shm_segments(before: set[str], *, wait: float = 2.0) -> set[str]:

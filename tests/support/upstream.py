@@ -29,7 +29,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-Mode = Literal["normal", "hang", "reset", "slow_body", "garbage"]
+Mode = Literal["normal", "hang", "reset", "slow_body", "garbage", "stream"]
 
 HOST = "127.0.0.1"
 DEFAULT_START_TIMEOUT = 10.0
@@ -38,6 +38,7 @@ DEFAULT_STOP_TIMEOUT = 10.0
 SHUTDOWN_TIMEOUT = 1.0
 MAX_REQUEST_BODY = 64 * 1024 * 1024
 GARBAGE = b"\x00\xff\xfeTHIS IS NOT HTTP\r\n\r\n"
+STREAM_CHUNK = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -52,7 +53,10 @@ class Behavior:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None  # raw body; overrides `json`
     # hang: never answer, until the client goes away; reset: abort the TCP connection without a response;
-    # slow_body: send the body one byte per `latency`; garbage: send `body` (or GARBAGE), which is not HTTP.
+    # slow_body: send the body one byte per `latency`; garbage: send `body` (or GARBAGE), which is not HTTP;
+    # stream: the headers at once, then the body in chunks until the client goes away, chunked unless `headers`
+    # declare a Content-Length. A large body then costs this server's thread nothing before the client has the
+    # headers, and only what the client reads: "normal" hands the whole body to the transport first.
     mode: Mode = "normal"
 
 
@@ -399,6 +403,8 @@ class UpstreamServer:
             return web.Response(status=status, body=payload, headers=headers), False
 
         response = web.StreamResponse(status=status, headers=headers)
+        if behavior.mode == "stream":
+            return response, await _stream(request, response, payload)
         response.content_length = len(payload)
         try:
             await response.prepare(request)
@@ -409,3 +415,18 @@ class UpstreamServer:
         except ConnectionError:
             return response, True
         return response, False
+
+
+async def _stream(request: web.Request, response: web.StreamResponse, payload: bytes) -> bool:
+    """Send ``payload`` in chunks without copying it; True if the client went away before its end."""
+    if "Content-Length" not in response.headers:
+        response.enable_chunked_encoding()
+    view = memoryview(payload)
+    try:
+        await response.prepare(request)
+        for start in range(0, len(view), STREAM_CHUNK):
+            await response.write(view[start : start + STREAM_CHUNK])
+        await response.write_eof()
+    except ConnectionError:
+        return True
+    return False
