@@ -44,11 +44,13 @@ class HttpMetricsMiddleware:
         metrics = gateway.metrics if gateway is not None else None
         started = time.perf_counter()
         status = 500  # what the server answers if the app raises before starting a response
+        complete: str | None = None  # an aggregate's X-Aggregate-Complete header
 
         async def send_tracking(message: Message) -> None:
-            nonlocal status
+            nonlocal status, complete
             if message["type"] == "http.response.start":
                 status = message["status"]
+                complete = _header(message, b"x-aggregate-complete")
             await send(message)
 
         tracing = gateway.tracing if gateway is not None else None
@@ -69,6 +71,8 @@ class HttpMetricsMiddleware:
             if metrics is not None:
                 metrics.requests.labels(route, method, str(status)).inc()
                 metrics.request_latency.labels(route, method).observe(elapsed)
+                if complete in ("true", "false"):
+                    metrics.aggregate_answers.labels(route, complete).inc()
             if route not in ("/healthz", "/readyz", "/metrics"):
                 extra = {
                     "event": "request",
@@ -80,3 +84,10 @@ class HttpMetricsMiddleware:
                     **scope.get("state", {}).get(SUMMARY_KEY, {}),
                 }
                 log.info("%s %s %d %.1f ms", scope["method"], route, status, elapsed * 1000, extra=extra)
+
+
+def _header(message: Message, name: bytes) -> str | None:
+    for key, value in message.get("headers", ()):
+        if key.lower() == name:
+            return bytes(value).decode("latin-1")
+    return None
