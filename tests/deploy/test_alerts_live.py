@@ -175,6 +175,31 @@ def aggregate_body(source: dict[str, Any]) -> dict[str, Any]:
     return {"sources": {"s": source}, "deadline_ms": 5000}
 
 
+async def test_every_dashboard_query_returns_a_series(stack: Stack) -> None:
+    queries = dashboard_queries(json.loads(DASHBOARD.read_text()))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
+        # A short load through every execution model: an upstream call, a composite, a query, a transform.
+        for _ in range(5):
+            for method, url, body in (
+                ("POST", f"{stack.outage}/aggregate", aggregate_body({"upstream": "u20", "path": PATH})),
+                ("GET", f"{stack.outage}/aggregate/needs", None),
+                ("POST", f"{stack.outage}/transform/trig_log", {"data": [1.0, 2.0]}),
+                ("POST", f"{stack.db}/aggregate", aggregate_body({"query": "slow"})),
+            ):
+                async with http.request(method, url, json=body) as resp:
+                    assert resp.status == 200, await resp.text()
+        prom = PrometheusApi(stack.prometheus, http)
+        # Scraped twice after the load, so that every rate() has two samples that hold it.
+        await until_query(prom, 'sum(gateway_cpu_pool_run_seconds_count{job="gateway-outage"}) >= 5', within=15)
+        await until_query(prom, 'count_over_time(gateway_cpu_pool_run_seconds_count{job="gateway-outage"}[3s]) >= 3',
+                          within=15)  # fmt: skip
+        empty = []
+        for title, expr in queries:
+            if not await prom.query(substitute_grafana_variables(expr)):
+                empty.append(f"{title}: {expr}")
+    assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(170)
 async def test_alerts_fire_through_a_real_outage_and_resolve_when_it_heals(stack: Stack) -> None:
@@ -273,35 +298,6 @@ async def test_alerts_fire_through_a_real_outage_and_resolve_when_it_heals(stack
     print(f"outage at {outage_at - started:.1f} s, healed at {healed_at - started:.1f} s, "
           f"resolved at {resolved_at - started:.1f} s")  # fmt: skip
     assert not problems, "\n".join(problems)
-
-
-def _is_series(result: dict[str, Any]) -> bool:
-    return "value" in result
-
-
-async def test_every_dashboard_query_returns_a_series(stack: Stack) -> None:
-    queries = dashboard_queries(json.loads(DASHBOARD.read_text()))
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=15)) as http:
-        # A short load through every execution model: an upstream call, a composite, a query, a transform.
-        for _ in range(5):
-            for method, url, body in (
-                ("POST", f"{stack.outage}/aggregate", aggregate_body({"upstream": "u20", "path": PATH})),
-                ("GET", f"{stack.outage}/aggregate/needs", None),
-                ("POST", f"{stack.outage}/transform/trig_log", {"data": [1.0, 2.0]}),
-                ("POST", f"{stack.db}/aggregate", aggregate_body({"query": "slow"})),
-            ):
-                async with http.request(method, url, json=body) as resp:
-                    assert resp.status == 200, await resp.text()
-        prom = PrometheusApi(stack.prometheus, http)
-        # Scraped twice after the load, so that every rate() has two samples that hold it.
-        await until_query(prom, 'sum(gateway_cpu_pool_run_seconds_count{job="gateway-outage"}) >= 5', within=15)
-        await until_query(prom, 'count_over_time(gateway_cpu_pool_run_seconds_count{job="gateway-outage"}[3s]) >= 3',
-                          within=15)  # fmt: skip
-        empty = []
-        for title, expr in queries:
-            if not await prom.query(substitute_grafana_variables(expr)):
-                empty.append(f"{title}: {expr}")
-    assert not empty, "dashboard queries with no data:\n" + "\n".join(empty)
 
 
 def test_shorten_changes_durations_only() -> None:
