@@ -117,6 +117,7 @@ class Metrics:
     def register_state(self, state: GatewayState, lag_window: Callable[[], float]) -> None:
         self.registry.register(StateCollector(state, lag_window))
         self.upstream.prime(state.settings.upstreams)
+        self.security.prime(key.name for key in state.settings.auth.keys)
 
 
 class ExecutorMetrics:
@@ -242,6 +243,12 @@ class SecurityMetrics:
         self._backend_errors = Counter(
             "gateway_rate_limit_backend_errors", "Shared rate-limit backend failures.", registry=r
         )
+        for reason in ("missing", "invalid", "scope"):
+            self._auth_failures.labels(reason)
+
+    def prime(self, keys: Iterable[str]) -> None:
+        for name in keys:
+            self._rate_limited.labels(name)
 
     def auth_failed(self, reason: str) -> None:
         self._auth_failures.labels(reason).inc()
