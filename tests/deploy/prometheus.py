@@ -79,7 +79,7 @@ def shorten(rules_text: str, factor: int) -> str:
             if re.search(r"\boffset\b", expr):
                 raise ValueError(f"shorten() does not handle offset: {expr}")
             rule["expr"] = RANGE.sub(scale_range, expr)
-    return yaml.safe_dump(doc, sort_keys=False, width=1000)
+    return str(yaml.safe_dump(doc, sort_keys=False, width=1000))
 
 
 def alert_rule(rules_text: str, name: str) -> dict[str, Any]:
