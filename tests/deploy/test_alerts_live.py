@@ -27,6 +27,7 @@ import aiohttp
 import pytest
 import yaml
 
+from app.settings import BreakerPolicy
 from scripts.validate_deploy import ALERTS, DASHBOARD, dashboard_queries, substitute_grafana_variables
 from tests.deploy.prometheus import (
     RANGE,
@@ -48,8 +49,10 @@ FACTOR = 20
 # Scrapes (and evaluations) an alert may take beyond what its rule asks: a scrape to see the change, an evaluation
 # to act on it, the poll of /api/v1/alerts, and a loaded machine.
 SLACK_S = 5.0
-OPEN_S = 5.0  # the breaker's open period: the gateway's default, not shortened
-OPENS_AFTER = 5  # consecutive failures that open the breaker (the default): 2.5 s of an outage at 2 req/s
+# The breakers run with the gateway's defaults, not shortened: open for 5 s, opened by 5 consecutive failures
+# (2.5 s of an outage at 2 req/s).
+OPEN_S = BreakerPolicy().open_ms / 1000
+OPENS_AFTER = BreakerPolicy().consecutive_failures
 RATES = {"u20": 20.0, "u2": 2.0}  # requests per second to each upstream under test
 POLL_S = 0.25
 PATH = "/x"
