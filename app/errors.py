@@ -24,6 +24,7 @@ GatewayError
 │   ├── ForbiddenError          403: the key lacks the scope, or a source is outside its allowlist
 │   ├── NotFoundError           404
 │   ├── NotAcceptableError      406: no answer format the client accepts
+│   ├── ProfilerBusyError       409: a profile is already running (/debug/profile)
 │   ├── RequestTimeoutError     408: the request head or body did not arrive within its time limit
 │   ├── PayloadTooLargeError    413: the body is larger than its cap
 │   ├── UriTooLongError         414: path and query longer than limits.max_url_bytes
@@ -35,6 +36,7 @@ GatewayError
 │   ├── TransformFailedError    500: a transform raised or returned something unusable (a bug in it)
 │   ├── OverloadedError         503 + Retry-After: a bounded queue or the in-flight limit is full; nothing started
 │   │   └── WorkerUnavailableError  no worker became free within queue_timeout_s
+│   ├── NotReadyError           503 + Retry-After: the gateway has not started, or the resource is closed
 │   ├── WorkerCrashedError      503 + Retry-After: the worker process died while running the job
 │   ├── ShuttingDownError       503 + Retry-After: the drain timeout passed (or a second signal came) mid-request
 │   └── TransformTimeoutError   504: the job overran job_timeout_s; its worker was killed and replaced
@@ -264,6 +266,21 @@ class OverloadedError(ProblemError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": str(self.retry_after_s)}
+
+
+class ProfilerBusyError(ProblemError):
+    status = 409
+    type = "profiler-busy"
+    title = "A profile is already running"
+
+
+class NotReadyError(ProblemError):
+    status = 503
+    type = "unavailable"
+    title = "Unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
 
 
 class ShuttingDownError(ProblemError):

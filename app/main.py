@@ -1,7 +1,10 @@
-"""The app factory. Building the app opens nothing: the lifespan does, when the server starts it."""
+"""The composition root: the one place that builds the app and the objects around it, and hands each collaborator
+what it needs (the state, the admission count, the in-flight registry). Building opens nothing: the lifespan does,
+when the server starts it."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
@@ -10,7 +13,9 @@ from starlette.routing import BaseRoute
 
 from app import __version__, problems
 from app.errors import ConfigError
-from app.lifecycle.lifespan import build_lifespan
+from app.lifecycle.inflight import InFlight, InFlightMiddleware
+from app.lifecycle.lifespan import build_lifespan, expected_resources
+from app.lifecycle.readiness import Readiness
 from app.middleware.auth import AuthMiddleware
 from app.middleware.body_limit import BodyLimitMiddleware
 from app.middleware.json_depth import JsonDepthMiddleware
@@ -24,6 +29,7 @@ from app.routes import aggregate, debug, health, metrics, transform
 from app.security.access import AccessRules
 from app.security.admission import Admission
 from app.settings import Settings
+from app.state import GatewayState
 
 if TYPE_CHECKING:
     from opentelemetry.trace import TracerProvider
@@ -32,30 +38,53 @@ if TYPE_CHECKING:
 UNSHED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
 
 
+@dataclass(frozen=True, eq=False)
+class Gateway:
+    """The app, and the state its server and lifespan share with it."""
+
+    app: FastAPI
+    state: GatewayState
+
+
 def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """The ASGI app alone (see build_gateway)."""
+    return build_gateway(settings, tracer_provider=tracer_provider).app
+
+
+def build_gateway(settings: Settings, *, tracer_provider: TracerProvider | None = None) -> Gateway:
     """Build the app; the lifespan opens its resources. ``tracer_provider``: bring your own OpenTelemetry
     provider (spans are then recorded whatever ``observability.tracing.enabled`` says).
 
     Raises ConfigError when a route has no access rule (app/security/access.py)."""
+    in_flight = InFlight()
+    limits = settings.limits
+    # Decided in the HTTP protocol, before the app (app/security/protocol.py); built here, with the app it guards.
+    admission = Admission(
+        limit=limits.max_in_flight_requests,
+        retry_after_s=limits.shed_retry_after_s,
+        exempt=UNSHED_PATHS,
+        floor=limits.min_in_flight_requests,
+        target_lag_s=limits.shed_loop_lag_ms / 1000,
+        closing=in_flight.closing,
+    )
+    state = GatewayState(
+        settings=settings,
+        readiness=Readiness(expected=expected_resources(settings)),
+        admission=admission,
+        in_flight=in_flight,
+        tracer_provider=tracer_provider,
+    )
     app = FastAPI(
         title="gateway",
         version=__version__,
-        lifespan=build_lifespan(settings),
+        lifespan=build_lifespan(state),
         default_response_class=JSONResponse,
         # The interactive docs load scripts from a CDN; a gateway serves its schema, not a web page.
         docs_url=None,
         redoc_url=None,
     )
-    app.state.settings = settings
-    app.state.tracer_provider = tracer_provider
-    # Decided in the HTTP protocol, before the app (app/security/protocol.py); kept here, with the app it guards.
-    app.state.admission = Admission(
-        limit=settings.limits.max_in_flight_requests,
-        retry_after_s=settings.limits.shed_retry_after_s,
-        exempt=UNSHED_PATHS,
-        floor=settings.limits.min_in_flight_requests,
-        target_lag_s=settings.limits.shed_loop_lag_ms / 1000,
-    )
+    # The routes' one way to the state (app/state.py:get_state); the middleware is handed it directly.
+    app.state.gateway = state
     problems.install(app)
     # First in line, ahead of the routes FastAPI builds: the lean endpoint of the hottest route.
     app.router.routes.append(aggregate.lean_route())
@@ -72,14 +101,16 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     if unruled:
         raise ConfigError([f"route {path} has no access rule in app/security/access.py" for path in unruled])
     install_openapi(app, rules, auth=settings.auth.enabled)
-    _add_middleware(app, settings, rules)
-    return app
+    _add_middleware(app, state, rules)
+    return Gateway(app=app, state=state)
 
 
-def _add_middleware(app: FastAPI, settings: Settings, rules: AccessRules) -> None:
+def _add_middleware(app: FastAPI, state: GatewayState, rules: AccessRules) -> None:
+    settings = state.settings
     limits = settings.limits
     # Added innermost first (Starlette wraps each new one around the previous). Before all of them, in the HTTP
     # protocol: the head's size and time bounds, and the global in-flight limit. From the outside in:
+    #   in flight        counted for the drain, which cancels what overruns it (its 503 passes no other layer)
     #   request id       every answer carries one, even a shed 503
     #   metrics          counts every answer, shed and refused ones too
     #   security headers on every answer
@@ -94,7 +125,7 @@ def _add_middleware(app: FastAPI, settings: Settings, rules: AccessRules) -> Non
         BodyLimitMiddleware, default=limits.max_body_bytes, limits={"/transform": settings.compute.max_body_bytes}
     )
     if settings.auth.enabled:
-        app.add_middleware(AuthMiddleware, rules=rules)
+        app.add_middleware(AuthMiddleware, rules=rules, state=state)
     app.add_middleware(RequestLimitsMiddleware, limits=limits)
     cors = settings.cors
     if cors.allow_origins:
@@ -108,8 +139,9 @@ def _add_middleware(app: FastAPI, settings: Settings, rules: AccessRules) -> Non
             max_age=cors.max_age_s,
         )
     app.add_middleware(SecurityHeadersMiddleware)
-    app.add_middleware(HttpMetricsMiddleware)
+    app.add_middleware(HttpMetricsMiddleware, state=state)
     app.add_middleware(RequestIdMiddleware)
+    app.add_middleware(InFlightMiddleware, in_flight=state.in_flight)
 
 
 def _paths(routes: list[BaseRoute]) -> list[str]:

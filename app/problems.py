@@ -1,4 +1,7 @@
-"""The one place that maps errors to RFC 9457 problem responses. No stack trace ever reaches a client."""
+"""The one place that maps errors to RFC 9457 problem responses. No stack trace ever reaches a client.
+
+``problem_body`` is the one builder of a problem's JSON: the app's responses use it, and so do the answers the
+HTTP protocol writes straight to the socket (app/security/protocol.py, app/security/admission.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +12,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from app.errors import ProblemError, ResourceClosedError
-from app.responses import ProblemResponse
+from app.errors import NotReadyError, ProblemError, ResourceClosedError
+from app.responses import ProblemResponse, dumps
 
 log = logging.getLogger(__name__)
 
 TYPE_PREFIX = "urn:gateway:problem:"
+
+
+def problem_body(
+    status: int, type_: str, title: str, detail: str, *, errors: list[dict[str, Any]] | None = None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"type": TYPE_PREFIX + type_, "title": title, "status": status, "detail": detail}
+    if errors:
+        body["errors"] = errors
+    return body
+
+
+def problem_json(err: ProblemError) -> bytes:
+    """The encoded body of ``err``'s problem, for answers written without a response object."""
+    return dumps(problem_body(err.status, err.type, err.title, err.detail, errors=err.errors))
 
 
 def problem(
@@ -26,10 +43,9 @@ def problem(
     errors: list[dict[str, Any]] | None = None,
     headers: dict[str, str] | None = None,
 ) -> ProblemResponse:
-    body: dict[str, Any] = {"type": TYPE_PREFIX + type_, "title": title, "status": status, "detail": detail}
-    if errors:
-        body["errors"] = errors
-    return ProblemResponse(body, status_code=status, headers=headers)
+    return ProblemResponse(
+        problem_body(status, type_, title, detail, errors=errors), status_code=status, headers=headers
+    )
 
 
 def response_for(err: ProblemError, *, close: bool = False) -> ProblemResponse:
@@ -71,7 +87,7 @@ async def _http_exception(request: Request, exc: Exception) -> ProblemResponse:
 
 
 async def _closed(request: Request, exc: Exception) -> ProblemResponse:
-    return problem(503, "unavailable", "Unavailable", str(exc), headers={"Retry-After": "1"})
+    return response_for(NotReadyError(str(exc)))
 
 
 async def _unhandled(request: Request, exc: Exception) -> ProblemResponse:

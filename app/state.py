@@ -10,10 +10,9 @@ from fastapi import Request
 
 from app.compute.pool import CpuPool
 from app.db.pool import Database
+from app.diagnostics.runtime import Diagnostics
 from app.errors import ResourceClosedError
-
-if TYPE_CHECKING:
-    from app.diagnostics.runtime import Diagnostics
+from app.lifecycle.inflight import InFlight
 from app.lifecycle.readiness import Readiness
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
@@ -23,12 +22,21 @@ from app.settings import Settings
 from app.upstream.client import UpstreamClient
 from app.upstream.session import HttpSession
 
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
-@dataclass
+
+@dataclass(eq=False)
 class GatewayState:
+    """Built with the app (app/main.py), which hands it to each collaborator; the lifespan opens the resources
+    (the fields that default to None) and closes them. Nothing else sets a field."""
+
     settings: Settings
     readiness: Readiness
-    metrics: Metrics
+    admission: Admission
+    in_flight: InFlight
+    tracer_provider: TracerProvider | None = None
+    metrics: Metrics | None = None
     http: HttpSession | None = None
     upstreams: UpstreamClient | None = None
     db: Database | None = None
@@ -38,7 +46,6 @@ class GatewayState:
     tracing: Tracing | None = None
     diagnostics: Diagnostics | None = None
     guard: Guard | None = None
-    admission: Admission | None = None
 
     def require_db(self) -> Database:
         if self.db is None:
@@ -55,12 +62,13 @@ class GatewayState:
             raise ResourceClosedError("the upstream client is not running")
         return self.upstreams
 
-    def require_http(self) -> HttpSession:
-        if self.http is None:
-            raise ResourceClosedError("the HTTP session is not open")
-        return self.http
+    def require_metrics(self) -> Metrics:
+        if self.metrics is None:
+            raise ResourceClosedError("the gateway has not started")
+        return self.metrics
 
 
 def get_state(request: Request) -> GatewayState:
+    """The running gateway's state, for a route (set on the app once, when app/main.py builds it)."""
     state: GatewayState = request.app.state.gateway
     return state

@@ -17,8 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 
-from app.compute.registry import NoParams
-from app.compute.transforms import prime_count
+from app.worker import NoParams
+from app.worker.transforms import prime_count
 
 
 def job(n: int) -> int:

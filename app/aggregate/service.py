@@ -13,7 +13,7 @@ import orjson
 from starlette.types import Scope
 
 from app.aggregate.models import AggregateRequest, QuerySourceSpec, SourceResult, UpstreamSourceSpec
-from app.compute.jsonwork import digest_in_pool, select
+from app.compute.jsonwork import digest_in_pool
 from app.compute.pool import CpuPool
 from app.db.pool import Database
 from app.db.queries import bind, coerce
@@ -34,6 +34,7 @@ from app.settings import CompositeConfig, CompositeSource, QueryConfig, Settings
 from app.upstream.call import decode_body
 from app.upstream.client import Outbound, Progress, Result, UpstreamClient
 from app.upstream.paths import UnsafePathError, confine_path, join_url
+from app.worker.jsondigest import select
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
-"""CPU-bound transforms. Where each part runs:
+"""CPU-bound transforms, the gateway's side (what runs in the worker processes is app/worker/). Where each part runs:
 
-- worker processes: ``worker`` (the process's main loop and one job), ``transforms`` (built-in functions);
-- the gateway's event loop: ``pool`` (scheduling, admission, timeouts), ``staging`` and ``jsonarray`` (request
-  bodies to checked arrays, in short slices), ``answers`` (answer format and size);
-- the gateway's own threads: ``workers`` (one courier thread per worker process), ``reaper`` (unmapping);
-- both sides: ``registry`` (what a transform declares), ``wire`` (messages), ``shm`` (segments), ``npyfmt``.
+- the event loop: ``pool`` (the job lifecycle: admission, queue, dispatch, timeouts, records), ``fleet`` (the
+  worker lifecycle: start, ready, exit, replacement, retirement), ``staging`` and ``jsonarray`` (request bodies to
+  checked arrays, in short slices), ``answers`` (answer format and size), ``jsonwork`` (large upstream JSON);
+- the gateway's own threads: ``couriers`` (one thread per worker process, blocking on its pipe), ``reaper``
+  (unmapping large buffers);
+- ``stats``: the records, counters and observer protocol metrics plug into.
 """

@@ -13,10 +13,10 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from app.compute import npyfmt
-from app.compute.registry import TransformSpec
-from app.compute.wire import OutputFormat
 from app.errors import NotAcceptableError
+from app.worker import npyfmt
+from app.worker.spec import TransformSpec
+from app.worker.wire import OutputFormat
 
 JSON_MEDIA_TYPE = "application/json"
 NPY_MEDIA_TYPE = "application/x-npy"

@@ -1,76 +1,19 @@
-"""JSON work on large upstream bodies, done in a CPU worker so that the event loop only moves bytes.
-
-orjson decodes object-heavy JSON at roughly 40 MB/s in one C call that never releases the GIL: a 6 MB body would
-stall the loop (or, from a thread, everything else) for about 150 ms. In a worker the same work costs the loop
-nothing. It runs as the internal transform ``json_digest`` (never listed or callable over HTTP): its input is the
-body's bytes as a uint8 array, its result a uint8 array holding a small framed answer, so the gateway gets
-already-encoded JSON fragments back and embeds them without parsing.
-
-Frames: ``J`` + a JSON document; ``I`` + records of (key length, key, value length, value) for an object split by
-key (u32 big-endian lengths); ``E`` + an error message.
+"""The gateway side of ``json_digest`` (app/worker/jsondigest.py): large upstream JSON bodies validated and
+filtered in a CPU worker, their answer unframed here without parsing any JSON.
 """
 
 from __future__ import annotations
 
 import pickle
-import struct
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
-import numpy.typing as npt
-import orjson
-from pydantic import BaseModel, ConfigDict
 
-from app.compute import npyfmt
-from app.compute.registry import TransformSpec
-from app.compute.wire import InlineArray, Job
-
-if TYPE_CHECKING:
-    from app.compute.pool import CpuPool
-
-NAME = "json_digest"
-_LEN = struct.Struct("!I")
-
-
-class DigestParams(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    fields: list[str] | None = None
-    split_keys: bool = False
-
-
-def select(data: Any, fields: tuple[str, ...] | list[str] | None) -> Any:
-    """Keep only ``fields`` of an object, or of each object in a list."""
-    if fields is None:
-        return data
-    if isinstance(data, dict):
-        return {k: data[k] for k in fields if k in data}
-    if isinstance(data, list):
-        return [select(item, fields) for item in data]
-    return data
-
-
-def digest(array: npt.NDArray[Any], params: DigestParams) -> npt.NDArray[np.uint8]:
-    """Runs in a worker: validate the body as JSON, keep ``fields``, and frame the re-encoded result."""
-    raw = array.tobytes()
-    try:
-        data = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        return _frame(b"E" + f"invalid JSON: {exc}".encode())
-    if params.fields is not None:
-        data = select(data, params.fields)
-    if params.split_keys and isinstance(data, dict):
-        parts = [b"I"]
-        for key, value in data.items():
-            encoded_key, encoded_value = str(key).encode(), orjson.dumps(value)
-            parts += [_LEN.pack(len(encoded_key)), encoded_key, _LEN.pack(len(encoded_value)), encoded_value]
-        return _frame(b"".join(parts))
-    return _frame(b"J" + (raw if params.fields is None else orjson.dumps(data)))
-
-
-def _frame(payload: bytes) -> npt.NDArray[np.uint8]:
-    return np.frombuffer(payload, dtype=np.uint8)
+from app.compute.pool import CpuPool
+from app.worker import npyfmt
+from app.worker.jsondigest import FRAME_LENGTH, NAME, DigestParams
+from app.worker.wire import InlineArray, Job
 
 
 def unframe(payload: bytes) -> tuple[str, Any]:
@@ -86,25 +29,12 @@ def unframe(payload: bytes) -> tuple[str, Any]:
 def _records(body: memoryview) -> Iterator[tuple[str, bytes]]:
     at = 0
     while at < len(body):
-        (klen,) = _LEN.unpack_from(body, at)
+        (klen,) = FRAME_LENGTH.unpack_from(body, at)
         key = bytes(body[at + 4 : at + 4 + klen]).decode()
         at += 4 + klen
-        (vlen,) = _LEN.unpack_from(body, at)
+        (vlen,) = FRAME_LENGTH.unpack_from(body, at)
         yield key, bytes(body[at + 4 : at + 4 + vlen])
         at += 4 + vlen
-
-
-JSON_DIGEST = TransformSpec(
-    name=NAME,
-    func=digest,
-    description="Internal: validate, filter and frame a large upstream JSON body.",
-    params=DigestParams,
-    dtypes=("uint8",),
-    min_rank=1,
-    max_rank=1,
-    result="array",
-    internal=True,
-)
 
 
 async def digest_in_pool(

@@ -6,8 +6,9 @@ executor (``BrokenProcessPool`` for every job in flight), and pebble, which can 
 waits 3 s before SIGKILL (workers ignore SIGTERM here), and puts its pool into an error state when an idle worker
 dies. This pool owns each worker individually:
 
-- every worker has its own pipe and a courier thread in the gateway (``workers``); all pool state lives on the
-  event loop, where the couriers' reports arrive;
+- every worker has its own pipe and a courier thread in the gateway (``couriers``); all pool state lives on the
+  event loop, where the couriers' reports arrive. The workers' lifecycle is ``fleet``'s; this module runs the
+  jobs' (admitted, queued, dispatched, finished);
 - a job past ``job_timeout_s`` gets its worker SIGKILLed (through a pidfd, so a recycled pid is never hit) and
   answers 504; a worker that dies by itself fails its running job with 503, and a job it had not yet started is
   retried once on another worker. Either way a fresh worker replaces it; nothing else is affected;
@@ -21,24 +22,19 @@ dies. This pool owns each worker individually:
 from __future__ import annotations
 
 import asyncio
-import atexit
 import collections
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from app.compute import shm
+from app.compute.couriers import STOP_GRACE_S, WorkerProcess, describe_exit
+from app.compute.fleet import WorkerFleet
 from app.compute.reaper import Closable, Reaper
-from app.compute.registry import Registry, TransformDefinitionError, discover_plugins, load_registry
-from app.compute.stats import JobRecord, Outcome, PoolObserver, PoolStats, Transport
-from app.compute.wire import Answer, Job, ShmArray
-from app.compute.workers import STOP_GRACE_S, ExitReason, WorkerProcess, describe_exit
-from app.concurrency import run_in_own_thread
+from app.compute.stats import JobRecord, Observers, Outcome, PoolObserver, PoolStats, Transport
 from app.errors import (
     InvalidInputError,
     OverloadedError,
@@ -49,13 +45,13 @@ from app.errors import (
     WorkerCrashedError,
     WorkerUnavailableError,
 )
-from app.lifecycle.children import group_signals_blocked
 from app.settings import ComputeSettings
+from app.worker import shm
+from app.worker.registry import Registry, discover_plugins, load_registry
+from app.worker.spec import TransformDefinitionError
+from app.worker.wire import Answer, Job, ShmArray
 
 log = logging.getLogger(__name__)
-
-START_TIMEOUT_S = 60.0
-RESPAWN_BACKOFF_S = (0.1, 0.5, 1.0, 2.0, 5.0)
 
 
 @dataclass(frozen=True)
@@ -64,7 +60,7 @@ class Completed:
     record: JobRecord
 
 
-class Admission:
+class JobSlot:
     """A place among the jobs the pool admitted. Give it back with ``release()`` or by leaving ``with``."""
 
     def __init__(self, pool: CpuPool, transform: str) -> None:
@@ -78,7 +74,7 @@ class Admission:
             self._released = True
             self._pool._released()
 
-    def __enter__(self) -> Admission:
+    def __enter__(self) -> JobSlot:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -116,26 +112,20 @@ class CpuPool:
     ) -> None:
         """``extra_transforms``: ``(name, "module:attr")`` pairs loaded besides the built-ins and entry points."""
         self._settings = settings
-        self.observer = observer
+        self._observer = Observers() if observer is None else Observers(observer)
         self._extra_transforms = list(extra_transforms)
         self.namer = shm.SegmentNamer(settings.shm_prefix)
         self.shm_enabled = False
         self._registry: Registry | None = None
-        self._ctx: multiprocessing.context.BaseContext | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._workers: set[WorkerProcess] = set()
-        self._idle: collections.deque[WorkerProcess] = collections.deque()
+        self._counters: collections.Counter[str] = collections.Counter()
+        self._fleet = WorkerFleet(settings, self, observer=self._observer, counters=self._counters)
         self._waiting: collections.deque[_Task] = collections.deque()
         self._admitted = 0
         self._ids = itertools.count(1)
-        self._indexes = itertools.count(1)
         self._closing = False
         self._closed = False
-        self._spawn_failures = 0
-        self._ready_during_start: asyncio.Future[None] | None = None
-        self._all_exited = asyncio.Event()
         self._drained = asyncio.Event()
-        self._counters: collections.Counter[str] = collections.Counter()
         self._reaper = Reaper()
 
     # -- public surface ----------------------------------------------------------------------------------------
@@ -150,9 +140,13 @@ class CpuPool:
             raise ResourceClosedError("the CPU pool has not started")
         return self._registry
 
+    def observe(self, observer: PoolObserver) -> None:
+        """Report to ``observer`` too, from now on (on the event loop; it must be quick and must not block)."""
+        self._observer.add(observer)
+
     @property
     def worker_pids(self) -> list[int]:
-        return sorted(w.pid for w in self._workers if w.pid is not None and w.state in ("idle", "busy"))
+        return self._fleet.pids
 
     async def start(self) -> None:
         """Load the registry, remove stale segments, start every worker and wait until each is warm.
@@ -173,29 +167,10 @@ class CpuPool:
             self._registry = load_registry(refs)
         except TransformDefinitionError as exc:
             raise StartupError(str(exc)) from exc
-        ctx = multiprocessing.get_context(self._settings.start_method)
-        if self._settings.start_method == "forkserver":
-            # Takes effect when this process starts its fork server (once): workers fork from a warm image.
-            modules = ["numpy", "app.compute.worker", *{ref.partition(":")[0] for _, ref in refs}]
-            ctx.set_forkserver_preload(modules)
-            # Started now, from a thread with SIGINT and SIGTERM blocked: the fork server inherits the mask, so a
-            # signal to the whole process group (Ctrl-C, tini -g) cannot kill it mid-drain, and every worker it
-            # forks later starts with the same protection.
-            await run_in_own_thread(_start_forkserver_shielded, name="forkserver-start")
-        self._ctx = ctx
-        self._ready_during_start = self._loop.create_future()
-        atexit.register(self._kill_all_at_exit)
-        for _ in range(self._settings.workers):
-            self._spawn()
-        try:
-            await asyncio.wait_for(asyncio.shield(self._ready_during_start), START_TIMEOUT_S)
-        except TimeoutError as exc:
-            raise StartupError(f"CPU workers did not start within {START_TIMEOUT_S:.0f} s") from exc
-        finally:
-            self._ready_during_start = None
+        await self._fleet.start(self._registry.plugin_refs)
         log.info("CPU pool ready", extra={"event": "cpu_pool_ready", "workers": self.worker_pids})
 
-    def admit(self, transform: str) -> Admission:
+    def admit(self, transform: str) -> JobSlot:
         """Take a place for one job, or refuse at once.
 
         Raises OverloadedError when ``workers + queue_limit`` jobs are already admitted, ResourceClosedError while
@@ -205,13 +180,13 @@ class CpuPool:
             raise ResourceClosedError("the CPU pool is not accepting jobs")
         if self._admitted >= self.capacity:
             self._counters["rejected"] += 1
-            self._notify("job_rejected", transform)
+            self._observer.job_rejected(transform)
             raise OverloadedError("every CPU worker is busy and the queue is full", retry_after_s=1)
         self._admitted += 1
         self._drained.clear()
-        return Admission(self, transform)
+        return JobSlot(self, transform)
 
-    async def run(self, job: Job, admission: Admission) -> Completed:
+    async def run(self, job: Job, slot: JobSlot) -> Completed:
         """Run one job in a worker and return its answer and record.
 
         Raises TransformTimeoutError (504), WorkerCrashedError (503), WorkerUnavailableError (503: no worker
@@ -221,7 +196,7 @@ class CpuPool:
         """
         if self._closed or self._loop is None:
             raise ResourceClosedError("the CPU pool is closed")
-        task = _Task(next(self._ids), job, self._loop.create_future(), queued_at=admission.admitted_at)
+        task = _Task(next(self._ids), job, self._loop.create_future(), queued_at=slot.admitted_at)
         self._waiting.append(task)
         task.queue_timer = self._loop.call_later(self._settings.queue_timeout_s, self._on_queue_timeout, task)
         self._dispatch()
@@ -242,10 +217,10 @@ class CpuPool:
         return total
 
     def stats(self) -> PoolStats:
-        busy = self._busy()
+        busy = self._fleet.busy()
         return PoolStats(
             workers=self._settings.workers,
-            alive=sum(1 for w in self._workers if w.state in ("idle", "busy")),
+            alive=len(self._fleet.pids),
             busy=len(busy),
             waiting=len(self._waiting),
             admitted=self._admitted,
@@ -255,13 +230,21 @@ class CpuPool:
             counters=dict(self._counters),
         )
 
+    def dispose(self, *, close: Iterable[Closable] = (), drop: Iterable[object] = ()) -> None:
+        """Release large buffers (segments already unlinked, request bodies) off the event loop."""
+        self._reaper.dispose(close=close, drop=drop)
+
+    def count_input_fallback(self) -> None:
+        """The gateway could not back an input segment (/dev/shm full) and sent the array inline instead."""
+        self._counters["shm_fallbacks"] += 1
+
     async def aclose(self) -> None:
         """Refuse new jobs, let admitted ones finish (each bounded by its timeouts), then stop every worker and
         unlink any segment of this process still in /dev/shm. Safe on a partly started pool, and idempotent."""
         if self._closed:
             return
-        self._closing = True
-        if self._admitted or self._waiting or self._busy():
+        self._closing = self._fleet.closing = True
+        if self._admitted or self._waiting or self._fleet.busy():
             bound = self._settings.queue_timeout_s + self._settings.job_timeout_s + STOP_GRACE_S
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._drained.wait(), bound)
@@ -269,171 +252,34 @@ class CpuPool:
         for task in list(self._waiting):
             self._finish(task, "cancelled", exc=ResourceClosedError("the CPU pool closed"))
         self._waiting.clear()
-        for worker in list(self._workers):
-            self._retire(worker, "shutdown")
-        if self._workers:
-            try:
-                await asyncio.wait_for(self._all_exited.wait(), 2 * STOP_GRACE_S)
-            except TimeoutError:
-                # One still starting (stuck before it could say ready) never reads its retirement: kill it.
-                for worker in list(self._workers):
-                    worker.kill()
-                await self._all_exited.wait()
+        await self._fleet.aclose()
         await self._reaper.aclose()
         for name in self.namer.mine():
             log.warning("unlinking leftover shared-memory segment %s", name)
             with contextlib.suppress(OSError):
                 (shm.SHM_DIR / name).unlink()
-        atexit.unregister(self._kill_all_at_exit)
 
-    # -- workers -----------------------------------------------------------------------------------------------
+    # -- JobEvents: what the fleet reports, on the loop --------------------------------------------------------
 
-    def _spawn(self) -> None:
-        assert self._ctx is not None
-        assert self._registry is not None
-        assert self._loop is not None
-        worker = WorkerProcess(next(self._indexes))
-        self._workers.add(worker)
-        self._all_exited.clear()
-        worker.start(self._ctx, self._registry.plugin_refs, self, self._loop)
-
-    # -- WorkerEvents: reports from the couriers, on the loop --------------------------------------------------
-
-    def on_ready(self, worker: WorkerProcess) -> None:
-        if worker.state != "starting":
-            return
-        self._spawn_failures = 0
-        self._counters["workers_started"] += 1
-        if self._closing:
-            self._retire(worker, "shutdown")
-            return
-        worker.state = "idle"
-        self._idle.append(worker)
-        waiter = self._ready_during_start
-        if waiter is not None and not waiter.done() and len(self.worker_pids) >= self._settings.workers:
-            waiter.set_result(None)
-        self._dispatch()
-
-    def _retire(self, worker: WorkerProcess, reason: ExitReason) -> None:
-        if worker.task is not None:
-            worker.state = "doomed"
-            worker.exit_reason = reason
-            worker.kill()
-            return
-        worker.state = "retiring"
-        worker.exit_reason = worker.exit_reason or reason
-        with contextlib.suppress(ValueError):
-            self._idle.remove(worker)
-        worker.retire()
-
-    def on_exit(self, worker: WorkerProcess, exitcode: int | None, was_ready: bool) -> None:
-        self._workers.discard(worker)
-        with contextlib.suppress(ValueError):
-            self._idle.remove(worker)
-        task, worker.task = worker.task, None
-        reason: ExitReason = worker.exit_reason or ("crashed" if was_ready else "start_failed")
-        self._notify("worker_exited", worker.pid, reason)
-        if reason == "crashed":
-            self._counters["workers_crashed"] += 1
-            log.warning("CPU worker %s died (%s)", worker.pid, describe_exit(exitcode))
-        elif reason == "recycled":
-            self._counters["workers_recycled"] += 1
-        if task is not None:
-            self._task_lost(task, exitcode)
-        waiter = self._ready_during_start
-        if reason == "start_failed" and waiter is not None and not waiter.done():
-            # During start(): fail it rather than retry forever; the lifespan then closes what was opened.
-            self._counters["worker_start_failures"] += 1
-            waiter.set_exception(StartupError(f"a CPU worker failed to start ({describe_exit(exitcode)})"))
-        elif not self._closing:
-            self._schedule_respawn(reason)
-        if not self._workers:
-            self._all_exited.set()
+    def workers_changed(self) -> None:
         self._dispatch()
         self._check_drained()
 
-    def _schedule_respawn(self, reason: ExitReason) -> None:
-        assert self._loop is not None
-        if reason == "start_failed":
-            delay = RESPAWN_BACKOFF_S[min(self._spawn_failures, len(RESPAWN_BACKOFF_S) - 1)]
-            self._spawn_failures += 1
-            log.error("a CPU worker failed to start; retrying in %.1f s", delay)
-            self._loop.call_later(delay, self._respawn)
-        else:
-            self._counters["workers_replaced"] += 1
-            self._spawn()
-
-    def _respawn(self) -> None:
-        if not self._closing:
-            self._spawn()
-
-    # -- jobs --------------------------------------------------------------------------------------------------
-
-    def _dispatch(self) -> None:
-        assert self._loop is not None
-        while self._idle and self._waiting:
-            worker = self._idle.popleft()
-            task = self._waiting.popleft()
-            if task.queue_timer is not None:
-                task.queue_timer.cancel()
-            worker.state = "busy"
-            worker.task = task
-            task.worker = worker
-            task.dispatched_at = time.perf_counter()
-            task.run_timer = self._loop.call_later(self._settings.job_timeout_s, self._on_job_timeout, task)
-            worker.hand(task)
-            self._notify("job_started", task.job.transform, task.dispatched_at - task.queued_at)
-
-    def on_started(self, worker: WorkerProcess, task: _Task) -> None:
+    def job_started(self, task: _Task) -> None:
         task.started = True
 
-    def on_reply(self, worker: WorkerProcess, task: _Task, message: tuple[Any, ...], pipe_bytes: int) -> None:
+    def job_replied(self, task: _Task, message: tuple[Any, ...], pipe_bytes: int) -> None:
         task.pickle_bytes += pipe_bytes
-        if worker.task is task:
-            worker.task = None
-        worker.tasks_done += 1
-        kind = message[0]
-        if kind == "done":
+        if message[0] == "done":
             self._finish(task, "ok", answer=message[2])
-        else:
-            _, _, error_kind, detail = message
-            exc: Exception = InvalidInputError(detail) if error_kind == "input" else TransformFailedError(f"{detail}")
-            if error_kind != "input":
-                log.error("transform %s failed: %s", task.job.transform, detail)
-            self._finish(task, "error", exc=exc)
-        limit = self._settings.max_tasks_per_child
-        if worker.state == "doomed":
-            pass  # being killed (its job overran just as it answered); replaced when its exit is seen
-        elif self._closing:
-            self._retire(worker, "shutdown")
-        elif limit and worker.tasks_done >= limit:
-            self._retire(worker, "recycled")
-        else:
-            worker.state = "idle"
-            self._idle.append(worker)
-        self._dispatch()
-        self._check_drained()
-
-    def _on_job_timeout(self, task: _Task) -> None:
-        worker = task.worker
-        if worker is None or worker.task is not task:
             return
-        task.timed_out = True
-        worker.state = "doomed"
-        worker.exit_reason = "killed"
-        worker.kill()
+        _, _, error_kind, detail = message
+        exc: Exception = InvalidInputError(detail) if error_kind == "input" else TransformFailedError(f"{detail}")
+        if error_kind != "input":
+            log.error("transform %s failed: %s", task.job.transform, detail)
+        self._finish(task, "error", exc=exc)
 
-    def _on_queue_timeout(self, task: _Task) -> None:
-        if task in self._waiting:
-            self._waiting.remove(task)
-            self._finish(
-                task,
-                "queue_timeout",
-                exc=WorkerUnavailableError(f"no CPU worker became free within {self._settings.queue_timeout_s:g} s"),
-            )
-            self._check_drained()
-
-    def _task_lost(self, task: _Task, exitcode: int | None) -> None:
+    def job_lost(self, task: _Task, exitcode: int | None) -> None:
         """The worker holding ``task`` is gone."""
         if self._closed:
             self._finish(task, "cancelled", exc=ResourceClosedError("the CPU pool closed before the job finished"))
@@ -465,6 +311,37 @@ class CpuPool:
                 exc=WorkerCrashedError(f"the worker running the job died ({describe_exit(exitcode)}); retry later"),
             )
 
+    # -- jobs --------------------------------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        assert self._loop is not None
+        while self._waiting and (worker := self._fleet.take_idle()) is not None:
+            task = self._waiting.popleft()
+            if task.queue_timer is not None:
+                task.queue_timer.cancel()
+            task.worker = worker
+            task.dispatched_at = time.perf_counter()
+            task.run_timer = self._loop.call_later(self._settings.job_timeout_s, self._on_job_timeout, task)
+            self._fleet.hand(worker, task)
+            self._observer.job_started(task.job.transform, task.dispatched_at - task.queued_at)
+
+    def _on_job_timeout(self, task: _Task) -> None:
+        worker = task.worker
+        if worker is None or worker.task is not task:
+            return
+        task.timed_out = True
+        self._fleet.kill(worker)
+
+    def _on_queue_timeout(self, task: _Task) -> None:
+        if task in self._waiting:
+            self._waiting.remove(task)
+            self._finish(
+                task,
+                "queue_timeout",
+                exc=WorkerUnavailableError(f"no CPU worker became free within {self._settings.queue_timeout_s:g} s"),
+            )
+            self._check_drained()
+
     def _abandon(self, task: _Task) -> None:
         """The caller went away (cancelled): free its place in the queue, or stop the work it no longer wants."""
         if task.future.done() and task.record is not None:
@@ -477,9 +354,7 @@ class CpuPool:
             return
         worker = task.worker
         if worker is not None and worker.task is task and worker.state == "busy":
-            worker.state = "doomed"
-            worker.exit_reason = "killed"
-            worker.kill()
+            self._fleet.kill(worker)
 
     def _finish(
         self, task: _Task, outcome: Outcome, *, answer: Answer | None = None, exc: Exception | None = None
@@ -512,7 +387,7 @@ class CpuPool:
         )
         task.record = record
         self._count(record, answer, sent)
-        self._notify("job_finished", record)
+        self._observer.job_finished(record)
         if not task.future.done():
             if exc is not None:
                 task.future.set_exception(exc)
@@ -534,42 +409,10 @@ class CpuPool:
             c["shm_fallbacks"] += 1
             log.warning("/dev/shm could not hold a %d-byte answer; it came through the pipe", answer.length)
 
-    def dispose(self, *, close: Iterable[Closable] = (), drop: Iterable[object] = ()) -> None:
-        """Release large buffers (segments already unlinked, request bodies) off the event loop."""
-        self._reaper.dispose(close=close, drop=drop)
-
-    def count_input_fallback(self) -> None:
-        """The gateway could not back an input segment (/dev/shm full) and sent the array inline instead."""
-        self._counters["shm_fallbacks"] += 1
-
     def _released(self) -> None:
         self._admitted -= 1
         self._check_drained()
 
     def _check_drained(self) -> None:
-        if not self._admitted and not self._waiting and not self._busy():
+        if not self._admitted and not self._waiting and not self._fleet.busy():
             self._drained.set()
-
-    def _busy(self) -> list[WorkerProcess]:
-        return [w for w in self._workers if w.task is not None]
-
-    def _notify(self, method: str, *args: Any) -> None:
-        if self.observer is None:
-            return
-        try:
-            getattr(self.observer, method)(*args)
-        except Exception:
-            log.exception("CPU pool observer failed in %s", method)
-
-    def _kill_all_at_exit(self) -> None:
-        # The interpreter is exiting without aclose(): workers ignore SIGTERM, and multiprocessing would join them
-        # forever at exit. Registered at start(), so it runs before multiprocessing's own exit handler.
-        for worker in list(self._workers):
-            worker.kill()
-
-
-def _start_forkserver_shielded() -> None:
-    import multiprocessing.forkserver
-
-    with group_signals_blocked():
-        multiprocessing.forkserver.ensure_running()

@@ -21,10 +21,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ValidationError
 
-from app.compute import jsonarray, npyfmt, shm
+from app.compute import jsonarray
 from app.compute.reaper import Closable
-from app.compute.registry import TransformInputError, TransformSpec
-from app.compute.wire import InlineArray, ShmArray
 from app.errors import (
     InvalidInputError,
     InvalidParamsError,
@@ -36,6 +34,9 @@ from app.errors import (
     UnsupportedRankError,
 )
 from app.settings import ComputeSettings
+from app.worker import npyfmt, shm
+from app.worker.spec import TransformInputError, TransformSpec
+from app.worker.wire import InlineArray, ShmArray
 
 log = logging.getLogger(__name__)
 

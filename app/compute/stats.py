@@ -7,13 +7,17 @@ Counters are plain (``PoolStats.counters``): ``jobs_<outcome>``, ``shm_inputs``/
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from app.compute.workers import ExitReason
+log = logging.getLogger("app.compute.pool")
 
 Transport = Literal["shm", "pickle"]
 Outcome = Literal["ok", "error", "timeout", "crashed", "cancelled", "queue_timeout"]
+ExitReason = Literal["recycled", "crashed", "killed", "shutdown", "start_failed"]
 
 
 @dataclass(frozen=True)
@@ -52,3 +56,42 @@ class PoolStats:
     worker_pids: tuple[int, ...]
     busy_pids: tuple[int, ...]
     counters: dict[str, int]
+
+
+class Observers:
+    """Every observer the pool reports to, each kept from breaking the pool: an exception in a metrics hook is
+    logged, never propagated into the pool's bookkeeping (the hooks run inside the couriers' reports)."""
+
+    def __init__(self, *observers: PoolObserver) -> None:
+        self._observers = list(observers)
+
+    def add(self, observer: PoolObserver) -> None:
+        self._observers.append(observer)
+
+    def job_rejected(self, transform: str) -> None:
+        for observer in self._observers:
+            with _logged("job_rejected"):
+                observer.job_rejected(transform)
+
+    def job_started(self, transform: str, queue_wait_s: float) -> None:
+        for observer in self._observers:
+            with _logged("job_started"):
+                observer.job_started(transform, queue_wait_s)
+
+    def job_finished(self, record: JobRecord) -> None:
+        for observer in self._observers:
+            with _logged("job_finished"):
+                observer.job_finished(record)
+
+    def worker_exited(self, pid: int | None, reason: ExitReason) -> None:
+        for observer in self._observers:
+            with _logged("worker_exited"):
+                observer.worker_exited(pid, reason)
+
+
+@contextlib.contextmanager
+def _logged(hook: str) -> Iterator[None]:
+    try:
+        yield
+    except Exception:
+        log.exception("CPU pool observer failed in %s", hook)

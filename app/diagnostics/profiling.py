@@ -10,16 +10,10 @@ from pyinstrument.frame import SELF_TIME_FRAME_IDENTIFIER, Frame
 from pyinstrument.frame_ops import delete_frame_from_tree
 from pyinstrument.renderers import HTMLRenderer, SpeedscopeRenderer
 
-from app.errors import ProblemError
+from app.errors import ProfilerBusyError
 
 # Where the loop thread sits while it waits for I/O: their own time is idle, not CPU.
 _IDLE_FUNCTIONS = frozenset({"run_forever", "run_until_complete", "_run_once", "select", "poll", "run"})
-
-
-class ProfilerBusyError(ProblemError):
-    status = 409
-    type = "profiler-busy"
-    title = "A profile is already running"
 
 
 def remove_loop_idle(frame: Frame | None, options: dict[str, Any]) -> Frame | None:

@@ -16,7 +16,8 @@ from app.diagnostics.profiling import LoopProfiler
 from app.settings import DiagnosticsSettings
 
 if TYPE_CHECKING:
-    from app.state import GatewayState
+    from app.compute.pool import CpuPool
+    from app.db.pool import Database
 
 log = logging.getLogger("app.diagnostics")
 
@@ -34,9 +35,12 @@ def _gc_state() -> dict[str, Any]:
 
 
 class Diagnostics:
-    def __init__(self, settings: DiagnosticsSettings, state: GatewayState) -> None:
+    def __init__(
+        self, settings: DiagnosticsSettings, *, db: Database | None = None, cpu: CpuPool | None = None
+    ) -> None:
         self._settings = settings
-        self._state = state
+        self._db = db
+        self._cpu = cpu
         self.task_ages = TaskAges(settings.task_census_interval_s)
         self.profiler = LoopProfiler()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -63,7 +67,7 @@ class Diagnostics:
             self._signal_installed = True
 
     def busy_since(self, ident: int) -> float | None:
-        db = self._state.db
+        db = self._db
         if db is None:
             return None
         return db.executor.running_threads().get(ident)
@@ -84,8 +88,7 @@ class Diagnostics:
         import psutil
 
         info = psutil.Process().memory_info()
-        cpu = self._state.cpu
-        shm = getattr(cpu.stats(), "shm_bytes", 0) if cpu is not None else 0
+        shm = self._cpu.shm_bytes_held() if self._cpu is not None else 0
         out: dict[str, Any] = {"rss_bytes": info.rss, "vms_bytes": info.vms, "shm_bytes": shm, "gc": _gc_state()}
         if not tracemalloc.is_tracing():
             out["tracemalloc"] = {"enabled": False, "hint": "set diagnostics.tracemalloc_frames > 0 (it costs)"}

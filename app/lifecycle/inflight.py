@@ -25,6 +25,10 @@ class InFlight:
         self.close_connections = False
         self.cancelled = 0
 
+    def closing(self) -> bool:
+        """True once the drain began: every answer closes its connection."""
+        return self.close_connections
+
     def __len__(self) -> int:
         return len(self._timeouts)
 

@@ -6,7 +6,7 @@ Order and why:
   1c. guard          API keys and the rate limiter (a Redis connection pool when shared); refuses to start
                      when authentication is on without keys
   2. http             the shared aiohttp session
-  3. upstreams        limits, breakers and retry budgets per upstream (and a thread for decoding large bodies)
+  3. upstreams        limits, breakers and retry budgets per upstream
   4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
   5. cpu_pool         worker processes, pre-warmed
   5b. diagnostics     fault handler, SIGUSR1 dump, task ages, tracemalloc when configured
@@ -30,13 +30,13 @@ from fastapi import FastAPI
 from app.compute.pool import CpuPool
 from app.db.pool import Database
 from app.diagnostics.runtime import Diagnostics
+from app.lifecycle.gauges import StateCollector
 from app.lifecycle.readiness import Readiness
 from app.observability.admin import AdminListener, create_admin_app
 from app.observability.blocking import BlockingDetector
 from app.observability.looplag import LoopLagSampler
 from app.observability.metrics import Metrics
 from app.observability.tracing import Tracing
-from app.security.admission import Admission
 from app.security.guard import Guard
 from app.settings import Settings
 from app.state import GatewayState
@@ -94,27 +94,27 @@ async def _open(stack: AsyncExitStack, readiness: Readiness, name: str, resource
     log.info("opened %s", name, extra={"resource": name, "event": "opened"})
 
 
-def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+def build_lifespan(state: GatewayState) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The lifespan of the app built around ``state`` (app/main.py): it opens the resources onto ``state``."""
+    settings = state.settings
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        readiness = Readiness(expected=expected_resources(settings))
-        metrics = Metrics()
-        state = GatewayState(settings=settings, readiness=readiness, metrics=metrics, loop=asyncio.get_running_loop())
-        app.state.gateway = state
+        readiness = state.readiness
+        state.metrics = metrics = Metrics()
+        state.loop = asyncio.get_running_loop()
         obs = settings.observability
-        admission: Admission | None = getattr(app.state, "admission", None)
+        admission = state.admission
         sampler = LoopLagSampler(
-            metrics.loop_lag,
-            interval_s=obs.loop_lag_interval_ms / 1000,
-            on_sample=admission.adapt if admission is not None else None,
+            metrics.loop_lag, interval_s=obs.loop_lag_interval_ms / 1000, on_sample=admission.adapt
         )
         async with AsyncExitStack() as stack:
             await _open(stack, readiness, "metrics", _NoStart(_noop))
-            if admission is not None:
-                admission.observe(metrics)
-                state.admission = admission
-            metrics.register_state(state, sampler.worst_recent_s)
-            state.tracing = Tracing(obs.tracing, provider=app.state.tracer_provider)
+            admission.observe(metrics)
+            metrics.add_collector(StateCollector(state, sampler.worst_recent_s))
+            metrics.upstream.prime(settings.upstreams)
+            metrics.security.prime(key.name for key in settings.auth.keys)
+            state.tracing = Tracing(obs.tracing, provider=state.tracer_provider)
             await _open(stack, readiness, "tracing", state.tracing)
             state.guard = Guard(settings, observer=metrics.security)
             await _open(stack, readiness, "guard", state.guard)
@@ -137,7 +137,7 @@ def build_lifespan(settings: Settings) -> Callable[[FastAPI], AbstractAsyncConte
                 state.cpu = CpuPool(settings.compute, observer=metrics.cpu_pool)
                 await _open(stack, readiness, "cpu_pool", state.cpu)
 
-            state.diagnostics = Diagnostics(settings.diagnostics, state)
+            state.diagnostics = Diagnostics(settings.diagnostics, db=state.db, cpu=state.cpu)
             await _open(stack, readiness, "diagnostics", state.diagnostics)
             await _open(stack, readiness, "loop_lag", sampler)
             detector = BlockingDetector(metrics.loop_blocked, threshold_s=obs.blocking_threshold_ms / 1000)

@@ -25,14 +25,12 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 import uvicorn
-from fastapi import FastAPI
 
 from app.lifecycle import children
 from app.lifecycle.drain import Drain, DrainCollector, Watchdog
-from app.lifecycle.inflight import InFlight, InFlightMiddleware
 from app.lifecycle.listener import ListeningSocket
 from app.lifecycle.signals import EarlySignals
-from app.main import create_app
+from app.main import Gateway, build_gateway
 from app.security.protocol import gateway_protocol
 from app.settings import Settings
 from app.state import GatewayState
@@ -57,13 +55,13 @@ class GatewayServer(uvicorn.Server):
         self,
         config: uvicorn.Config,
         *,
-        app: FastAPI,
+        gateway: Gateway,
         drain: Drain,
         on_ready: Callable[[GatewayServer], None] | None = None,
         early: EarlySignals | None = None,
     ) -> None:
         super().__init__(config)
-        self.app = app
+        self.gateway = gateway
         self.drain = drain
         self._on_ready = on_ready
         self._early = early
@@ -107,9 +105,7 @@ class GatewayServer(uvicorn.Server):
         await super().startup(sockets)
         if not self.started:
             return
-        state = self.gateway_state()
-        if state is not None:
-            state.metrics.add_collector(DrainCollector(self.drain))
+        self.gateway.state.require_metrics().add_collector(DrainCollector(self.drain))
         self.drain.on_started()
         if self._on_ready is not None and not self.should_exit:
             self._on_ready(self)
@@ -122,9 +118,8 @@ class GatewayServer(uvicorn.Server):
     def listening_sockets(self) -> Sequence[ListeningSocket]:
         return [sock for server in getattr(self, "servers", []) for sock in server.sockets]
 
-    def gateway_state(self) -> GatewayState | None:
-        state: GatewayState | None = getattr(self.app.state, "gateway", None)
-        return state
+    def gateway_state(self) -> GatewayState:
+        return self.gateway.state
 
     @property
     def bound_port(self) -> int | None:
@@ -139,23 +134,18 @@ def build_server(
     *,
     on_ready: Callable[[GatewayServer], None] | None = None,
     tracer_provider: TracerProvider | None = None,
-    drain: Drain | None = None,
+    watchdog: Watchdog | None = None,
     early: EarlySignals | None = None,
 ) -> GatewayServer:
-    app = create_app(settings, tracer_provider=tracer_provider)
-    if drain is None:
-        drain = Drain(settings.server, InFlight())
-    in_flight = drain.in_flight
-    app.state.admission.closing = lambda: in_flight.close_connections
-    # Added last, so outermost: it sees every request, and its 503 passes no other middleware's error handling.
-    app.add_middleware(InFlightMiddleware, in_flight=drain.in_flight)
+    gateway = build_gateway(settings, tracer_provider=tracer_provider)
+    drain = Drain(settings.server, gateway.state.in_flight, watchdog=watchdog)
     config = uvicorn.Config(
-        app,
+        gateway.app,
         host=settings.server.host,
         port=settings.server.port,
         loop=settings.server.loop,
         # httptools, with the request head bounded and admission decided before the app (app/security/protocol.py).
-        http=gateway_protocol(settings.limits, app.state.admission),
+        http=gateway_protocol(settings.limits, gateway.state.admission),
         backlog=settings.limits.listen_backlog,
         lifespan="on",
         log_config=None,
@@ -164,7 +154,7 @@ def build_server(
         timeout_keep_alive=math.ceil(settings.server.keepalive_timeout_s),
         timeout_graceful_shutdown=math.ceil(settings.server.drain_timeout_s) + UVICORN_BACKSTOP_S,
     )
-    return GatewayServer(config, app=app, drain=drain, on_ready=on_ready, early=early)
+    return GatewayServer(config, gateway=gateway, drain=drain, on_ready=on_ready, early=early)
 
 
 def serve(
@@ -180,8 +170,8 @@ def serve(
     if early is None:
         early = EarlySignals().install()
     watchdog = Watchdog(_watchdog_expired)
-    drain = Drain(settings.server, InFlight(), watchdog=watchdog)
-    server = build_server(settings, on_ready=on_ready, drain=drain, early=early)
+    server = build_server(settings, on_ready=on_ready, watchdog=watchdog, early=early)
+    drain = server.drain
     server.run()
     if watchdog.fired:
         # Killing the children may have released what was stuck; the watchdog still decides how this ends.

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.errors import ProblemError, ResourceClosedError
-from app.problems import problem, response_for
+from app.errors import NotReadyError, ProblemError
+from app.problems import response_for
 from app.security.access import OPEN, AccessRules
 from app.security.policy import PRINCIPAL_KEY
+from app.state import GatewayState
 
 
 class AuthMiddleware:
-    def __init__(self, app: ASGIApp, *, rules: AccessRules) -> None:
+    def __init__(self, app: ASGIApp, *, rules: AccessRules, state: GatewayState) -> None:
         self.app = app
         self.rules = rules
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -24,13 +26,9 @@ class AuthMiddleware:
         if needed == OPEN:
             await self.app(scope, receive, send)
             return
-        gateway = getattr(scope["app"].state, "gateway", None)
-        guard = gateway.guard if gateway is not None else None
+        guard = self.state.guard
         if guard is None:
-            err = ResourceClosedError("the gateway is not ready")
-            await problem(503, "unavailable", "Unavailable", str(err), headers={"Retry-After": "1"})(
-                scope, receive, send
-            )
+            await response_for(NotReadyError("the gateway is not ready"))(scope, receive, send)
             return
         try:
             principal = guard.authenticate(scope["headers"])

@@ -7,7 +7,7 @@ from fastapi.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.errors import PayloadTooLargeError
-from app.problems import problem
+from app.problems import response_for
 
 
 class BodyTooLarge(HTTPException):
@@ -66,6 +66,6 @@ class BodyLimitMiddleware:
             await self._refuse(scope, receive, send, limit)
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, limit: int) -> None:
-        err = PayloadTooLargeError(f"request body exceeds {limit} bytes")
-        response = problem(err.status, err.type, err.title, err.detail, headers={"Connection": "close"})
-        await response(scope, receive, send)
+        await response_for(PayloadTooLargeError(f"request body exceeds {limit} bytes"), close=True)(
+            scope, receive, send
+        )

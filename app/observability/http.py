@@ -14,6 +14,7 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.middleware.request_id import request_id_of
+from app.state import GatewayState
 
 log = logging.getLogger("app.access")
 
@@ -33,15 +34,16 @@ def add_log_fields(scope: Scope, **fields: Any) -> None:
 
 
 class HttpMetricsMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, *, state: GatewayState) -> None:
         self.app = app
+        self.state = state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        gateway = getattr(scope["app"].state, "gateway", None)
-        metrics = gateway.metrics if gateway is not None else None
+        gateway = self.state
+        metrics = gateway.metrics
         started = time.perf_counter()
         status = 500  # what the server answers if the app raises before starting a response
         complete: str | None = None  # an aggregate's X-Aggregate-Complete header
@@ -53,7 +55,7 @@ class HttpMetricsMiddleware:
                 complete = _header(message, b"x-aggregate-complete")
             await send(message)
 
-        tracing = gateway.tracing if gateway is not None else None
+        tracing = gateway.tracing
         span_cm = tracing.request_span(scope, scope["method"]) if tracing is not None else contextlib.nullcontext()
         try:
             with span_cm as span:

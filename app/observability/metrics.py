@@ -7,13 +7,10 @@ and their meaning are listed in docs/metrics.md.
 
 from __future__ import annotations
 
-import asyncio
-import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
@@ -22,9 +19,7 @@ from prometheus_client.registry import Collector
 from app import __version__
 
 if TYPE_CHECKING:
-    from app.compute.stats import JobRecord
-    from app.compute.workers import ExitReason
-    from app.state import GatewayState
+    from app.compute.stats import ExitReason, JobRecord
     from app.upstream.breaker import BreakerState
 
 LOOP_LAG_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -113,11 +108,6 @@ class Metrics:
 
     def add_collector(self, collector: Collector) -> None:
         self.registry.register(collector)
-
-    def register_state(self, state: GatewayState, lag_window: Callable[[], float]) -> None:
-        self.registry.register(StateCollector(state, lag_window))
-        self.upstream.prime(state.settings.upstreams)
-        self.security.prime(key.name for key in state.settings.auth.keys)
 
 
 class ExecutorMetrics:
@@ -258,79 +248,3 @@ class SecurityMetrics:
 
     def backend_error(self) -> None:
         self._backend_errors.inc()
-
-
-def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-    return GaugeMetricFamily(name, doc, value=value)
-
-
-class StateCollector(Collector):
-    """Gauges read from the live resources at scrape time."""
-
-    def __init__(self, state: GatewayState, lag_window: Callable[[], float]) -> None:
-        self._state = state
-        self._lag_window = lag_window
-
-    def collect(self) -> Iterator[Metric]:
-        state = self._state
-        yield _gauge("gateway_ready", "1 when every resource has started and the gateway is not draining.",
-                     float(state.readiness.ready))  # fmt: skip
-        yield _gauge("gateway_draining", "1 from SIGTERM until exit.", float(state.readiness.draining))
-        yield _gauge("gateway_threads", "Python threads alive.", float(threading.active_count()))
-        yield _gauge("gateway_event_loop_lag_max_seconds", "Worst loop lag in the last window.", self._lag_window())
-        yield _gauge("gateway_event_loop_tasks", "asyncio tasks alive.", float(_task_count(state)))
-        yield from self._db()
-        yield from self._cpu()
-        yield from self._upstreams()
-
-    def _db(self) -> Iterator[Metric]:
-        db = self._state.db
-        if db is None:
-            return
-        stats = db.executor.stats()
-        yield _gauge("gateway_db_executor_capacity", "DB executor threads.", stats.capacity)
-        yield _gauge("gateway_db_executor_busy", "DB executor threads running a query.", stats.busy)
-        yield _gauge("gateway_db_executor_queued", "Queries waiting for a thread.", stats.queued)
-        yield _gauge("gateway_db_executor_queue_limit", "Most queries allowed to wait.", stats.queue_limit)
-        pool = db.pool_stats()
-        conns = GaugeMetricFamily("gateway_db_pool_connections", "psycopg2 pool connections.", labels=["state"])
-        conns.add_metric(["in_use"], pool["in_use"])
-        conns.add_metric(["idle"], pool["idle"])
-        yield conns
-
-    def _cpu(self) -> Iterator[Metric]:
-        cpu = self._state.cpu
-        if cpu is None:
-            return
-        stats = cpu.stats()
-        settings = self._state.settings.compute
-        yield _gauge("gateway_cpu_pool_capacity", "Worker processes.", stats.workers)
-        yield _gauge("gateway_cpu_pool_busy", "Workers running a job.", stats.busy)
-        yield _gauge("gateway_cpu_pool_queued", "Admitted jobs waiting for a worker.", stats.waiting)
-        yield _gauge("gateway_cpu_pool_queue_limit", "Most jobs allowed to wait.", settings.queue_limit)
-        yield _gauge("gateway_cpu_pool_shm_bytes", "Shared memory currently held.", float(cpu.shm_bytes_held()))
-
-    def _upstreams(self) -> Iterator[Metric]:
-        client = self._state.upstreams
-        if client is None:
-            return
-        in_flight = GaugeMetricFamily("gateway_upstream_in_flight", "Calls in progress.", labels=["upstream"])
-        limit = GaugeMetricFamily("gateway_upstream_limit", "Configured concurrency limit.", labels=["upstream"])
-        breaker = GaugeMetricFamily(
-            "gateway_upstream_breaker_state", "0 closed, 1 half-open, 2 open.", labels=["upstream"]
-        )
-        for name, up in client.upstreams.items():
-            in_flight.add_metric([name], up.in_flight)
-            limit.add_metric([name], up.config.max_concurrency)
-            breaker.add_metric([name], int(up.breaker.state))
-        yield in_flight
-        yield limit
-        yield breaker
-
-
-def _task_count(state: GatewayState) -> int:
-    loop = state.loop
-    if loop is None or loop.is_closed():
-        return 0
-    # all_tasks() is documented for the running loop; from the scrape (which runs on that loop) it is exact.
-    return len(asyncio.all_tasks(loop))

@@ -25,4 +25,4 @@ _EXPOSITION = {"schema": {"type": "string"}}
 )
 async def metrics(request: Request) -> Response:
     encoder, content_type = choose_encoder(request.headers.get("accept", ""))
-    return Response(encoder(get_state(request).metrics.registry), media_type=content_type)
+    return Response(encoder(get_state(request).require_metrics().registry), media_type=content_type)

@@ -16,9 +16,8 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from app.compute import answers, shm, staging
+from app.compute import answers, staging
 from app.compute.pool import Completed, CpuPool
-from app.compute.wire import Job, OutputFormat
 from app.errors import (
     InvalidParamsError,
     MalformedInputError,
@@ -30,6 +29,8 @@ from app.errors import (
 from app.responses import JSONResponse
 from app.settings import ComputeSettings
 from app.state import get_state
+from app.worker import shm
+from app.worker.wire import Job, OutputFormat
 
 router = APIRouter(tags=["transform"])
 

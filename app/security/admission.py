@@ -21,11 +21,9 @@ from __future__ import annotations
 import typing
 from collections.abc import Callable
 
-import orjson
-
 from app.errors import OverloadedError
-from app.middleware.security_headers import HEADERS as SECURITY_HEADERS
-from app.problems import TYPE_PREFIX
+from app.problems import problem_json
+from app.security.headers import SECURITY_HEADERS
 
 # Shed reasons (the `reason` label of gateway_http_requests_shed_total).
 AT_LIMIT = "in_flight"  # the configured in-flight limit is reached
@@ -45,9 +43,19 @@ class Admission:
     """The in-flight count of one server, shared by all its connections (all on one event loop: no lock)."""
 
     def __init__(
-        self, *, limit: int, retry_after_s: int, exempt: frozenset[str], floor: int = 1, target_lag_s: float = 0.0
+        self,
+        *,
+        limit: int,
+        retry_after_s: int,
+        exempt: frozenset[str],
+        floor: int = 1,
+        target_lag_s: float = 0.0,
+        closing: Callable[[], bool] = lambda: False,
     ) -> None:
-        """``target_lag_s`` 0 keeps the limit fixed at ``limit``; otherwise it moves between ``floor`` and it."""
+        """``target_lag_s`` 0 keeps the limit fixed at ``limit``; otherwise it moves between ``floor`` and it.
+        ``closing``: true once the gateway drains (app/lifecycle/inflight.py): answers given in the protocol
+        (shed 503s, /healthz) then close their connection too, as every answer from the app does, so keep-alive
+        clients reconnect through the updated endpoints."""
         self.ceiling = self.limit = limit
         self.floor = max(1, min(floor, limit))
         self.target_lag_s = target_lag_s
@@ -56,9 +64,7 @@ class Admission:
         self.in_flight = 0
         self.shed_total = 0
         self._observer: AdmissionObserver | None = None
-        # Set by the drain: answers given in the protocol (shed 503s, /healthz) then close their connection too,
-        # as every answer from the app does, so keep-alive clients reconnect through the updated endpoints.
-        self.closing: Callable[[], bool] = lambda: False
+        self.closing = closing
         # Rendered once: the shed path runs thousands of times a second in a burst and must stay cheap.
         self._answers = {
             AT_LIMIT: _render(OverloadedError(f"more than {limit} requests in flight", retry_after_s=retry_after_s)),
@@ -128,8 +134,7 @@ class Admission:
 
 
 def _render(err: OverloadedError) -> tuple[bytes, bytes]:
-    problem = {"type": TYPE_PREFIX + err.type, "title": err.title, "status": err.status, "detail": err.detail}
-    body = orjson.dumps(problem)
+    body = problem_json(err)
     headers = [
         (b"content-type", b"application/problem+json"),
         (b"content-length", str(len(body)).encode()),

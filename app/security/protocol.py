@@ -10,26 +10,25 @@ complete within ``limits.request_head_timeout_s``; both close the connection. Th
 size, URL, query parameters; app/middleware/request_limits.py) then apply to every head that fits.
 
 This subclasses uvicorn's httptools protocol and relies on its parser callbacks (on_message_begin,
-on_headers_complete) and data_received; tests/security/test_limits.py fails if a uvicorn upgrade changes them.
+on_headers_complete) and data_received; tests/security/test_limits.py fails if a uvicorn upgrade changes them. The
+one private hook it needs (where a request starts) is isolated in app/security/uvicorn_hook.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import itertools
 import secrets
 from typing import cast
 
-import orjson
 from starlette.types import ASGIApp, Scope
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
 from app.errors import HeadersTooLargeError, ProblemError, RequestTimeoutError
-from app.middleware.request_limits import head_problem
-from app.middleware.security_headers import HEADERS as SECURITY_HEADERS
-from app.problems import TYPE_PREFIX
+from app.problems import problem_json
 from app.security.admission import Admission
+from app.security.headers import SECURITY_HEADERS, head_problem
+from app.security.uvicorn_hook import StartHook
 from app.settings import LimitSettings
 
 # Request line, ": " and CRLF per header, the blank line: what a head costs beyond its names, values and URL.
@@ -52,10 +51,6 @@ _ID_PREFIX = secrets.token_hex(8).encode()
 _ids = itertools.count()
 
 
-def _nothing() -> None:
-    return None
-
-
 def _request_id() -> bytes:
     return b"%s%08x" % (_ID_PREFIX, next(_ids))
 
@@ -64,7 +59,7 @@ def max_head_bytes(limits: LimitSettings) -> int:
     return limits.max_header_bytes + limits.max_url_bytes + 4 * limits.max_headers + _HEAD_OVERHEAD
 
 
-class GatewayProtocol(HttpToolsProtocol):
+class GatewayProtocol(StartHook):
     max_head_bytes: int = 64 * 1024
     head_timeout_s: float = 10.0
     admission: Admission | None = None
@@ -105,7 +100,7 @@ class GatewayProtocol(HttpToolsProtocol):
             if self._head_bytes > self.max_head_bytes:
                 self._refuse(HeadersTooLargeError(f"the request head exceeds {self.max_head_bytes} bytes"))
 
-    def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:  # type: ignore[override]
+    def start_request(self, cycle: RequestResponseCycle, app: ASGIApp) -> None:
         # Called when a request may start (at once, or when the one before it on this connection is done).
         admission = self.admission
         path = cycle.scope["path"]
@@ -120,38 +115,18 @@ class GatewayProtocol(HttpToolsProtocol):
             # so that a loop busy with a burst still answers its probe within one turn.
             self._answer(cycle, *_LIVENESS)
         elif admission is None or path in admission.exempt:
-            super()._start_asgi_task(cycle, app)  # type: ignore[arg-type]
-        elif admission.admits(cycle.scope["path"]):
-            # As uvicorn's own, plus the admission count released when the task ends, however it ends.
+            self.run_request(cycle, app)
+        elif admission.admits(path):
+            # Counted in at once (a burst admits many in one turn, and each must see the others), out when the
+            # request's task ends, however it ends.
             admission.enter()
-            context = contextvars.Context() if getattr(self.config, "reset_contextvars", False) else None
-            task = self.loop.create_task(cycle.run_asgi(app), context=context)  # type: ignore[arg-type]
-            task.add_done_callback(admission.leave)
-            task.add_done_callback(self.tasks.discard)
-            self.tasks.add(task)
+            self.run_request(cycle, app, on_done=admission.leave)
         else:
             self._answer(cycle, *admission.shed())
 
     def _answer(self, cycle: RequestResponseCycle, head: bytes, body: bytes) -> None:
-        # A canned answer, straight to the socket, with the cycle marked done as uvicorn's own send() would: a body
-        # still arriving is then dropped by on_body, and the connection goes on to its next request.
-        cycle.response_started = cycle.response_complete = True
-        cycle.message_event.set()
-        parts = [head, *(b"%s: %s\r\n" % header for header in self.server_state.default_headers)]
-        parts.append(b"x-request-id: %s\r\n" % _request_id())
-        close = not cycle.keep_alive or (self.admission is not None and self.admission.closing())
-        if close:
-            parts.append(b"connection: close\r\n")
-        parts.append(b"\r\n")
-        if cycle.scope["method"] != "HEAD":
-            parts.append(body)
-        self.transport.write(b"".join(parts))
-        if close:
-            self.transport.close()
-        # As uvicorn's run_asgi does when a request ends: the cycle's hook back to this protocol is a reference
-        # cycle that only the garbage collector would break, and in a burst its pauses stall the loop.
-        cycle.on_response = _nothing
-        self.on_response_complete()
+        closing = self.admission is not None and self.admission.closing()
+        self.answer_now(cycle, [head, b"x-request-id: %s\r\n" % _request_id()], body, close=closing)
 
     def _start_head_timer(self) -> None:
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timed_out)
@@ -170,9 +145,7 @@ class GatewayProtocol(HttpToolsProtocol):
 
     def _refuse(self, err: ProblemError) -> None:
         self._cancel_head_timer()
-        body = orjson.dumps(
-            {"type": TYPE_PREFIX + err.type, "title": err.title, "status": err.status, "detail": err.detail}
-        )
+        body = problem_json(err)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/problem+json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (err.status, _REASONS[err.status], len(body), body)

@@ -241,16 +241,6 @@ class UpstreamClient:
         if self._observer is not None:
             self._observer.attempt(upstream, outcome, asyncio.get_running_loop().time() - started)
 
-    def stats(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {
-                "in_flight": up.in_flight,
-                "limit": up.config.max_concurrency,
-                "breaker": up.breaker.state.name.lower(),
-            }
-            for name, up in self.upstreams.items()
-        }
-
 
 def _is_upstream_fault(err: SourceError) -> bool:
     if isinstance(err, ResponseTooLargeError | BadResponseError):

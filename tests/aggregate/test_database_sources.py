@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,15 @@ from tests.aggregate.conftest import post_aggregate
 from tests.support.gateway import make_settings, running_gateway
 from tests.support.postgres import active_gateway_queries
 
-SLEEP = {"sleep": {"sql": "SELECT true AS slept FROM pg_sleep(%(s)s)", "params": {"s": "float"}, "timeout_ms": 60_000}}
+# Marked, so that only this run's queries are counted on a server other runs may share.
+MARKER = f"/* gwtest {uuid.uuid4().hex} */"
+SLEEP = {
+    "sleep": {
+        "sql": f"SELECT true AS slept FROM pg_sleep(%(s)s) {MARKER}",
+        "params": {"s": "float"},
+        "timeout_ms": 60_000,
+    }
+}
 USERS = {"users": {"sql": "SELECT id, name FROM users WHERE id = %(id)s", "params": {"id": "int"}}}
 
 
@@ -30,7 +39,7 @@ async def test_deadline_cancels_the_query_on_the_server(pg_dsn: str, pg_server_u
         assert body["results"]["s"]["error"]["type"] in ("deadline", "timeout")
         executor = gw.state.db.executor
         deadline = time.monotonic() + 5
-        while executor.stats().busy or active_gateway_queries(pg_server_url):
+        while executor.stats().busy or active_gateway_queries(pg_server_url, MARKER):
             assert time.monotonic() < deadline, "the query kept running on the server"
             await asyncio.sleep(0.02)
         # The connection came back usable.
@@ -46,13 +55,13 @@ async def test_client_disconnect_cancels_the_query(pg_dsn: str, pg_server_url: s
                 post_aggregate(client, gw.url, {"s": {"query": "sleep", "params": {"s": 30}}}, deadline_ms=60_000)
             )
             deadline = time.monotonic() + 5
-            while not active_gateway_queries(pg_server_url):
+            while not active_gateway_queries(pg_server_url, MARKER):
                 assert time.monotonic() < deadline
                 await asyncio.sleep(0.02)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
         deadline = time.monotonic() + 5
-        while active_gateway_queries(pg_server_url) or gw.state.db.executor.stats().busy:
+        while active_gateway_queries(pg_server_url, MARKER) or gw.state.db.executor.stats().busy:
             assert time.monotonic() < deadline, "the query outlived its disconnected client"
             await asyncio.sleep(0.02)
 

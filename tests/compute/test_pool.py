@@ -16,9 +16,7 @@ import numpy as np
 import psutil
 import pytest
 
-from app.compute import shm
 from app.compute.pool import CpuPool
-from app.compute.wire import InlineArray, Job, ShmArray
 from app.errors import (
     InvalidInputError,
     OverloadedError,
@@ -29,6 +27,8 @@ from app.errors import (
     WorkerCrashedError,
     WorkerUnavailableError,
 )
+from app.worker import shm
+from app.worker.wire import InlineArray, Job, ShmArray
 from tests.compute.helpers import Recorder, assert_no_segments, await_until, compute_settings, segments, shm_guard
 
 pytestmark = pytest.mark.usefixtures("shm_guard")

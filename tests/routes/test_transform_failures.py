@@ -75,7 +75,7 @@ async def raw_request(url: str, name: str, body: bytes) -> AsyncIterator[asyncio
 async def test_two_cpu_bound_requests_on_two_workers_take_about_as_long_as_one() -> None:
     async with running_gateway(compute_settings(workers=2, load_plugins=False)) as gw:
         recorder = Recorder()
-        gw.state.cpu.observer = recorder
+        gw.state.require_cpu().observe(recorder)
         attempts = []
         # Serialised jobs (one worker, or two threads sharing one GIL) take 2x one job, and deliver at most one
         # CPU-second per second. Other processes on this shared 2-core machine can take a core away for a while,

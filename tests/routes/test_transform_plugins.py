@@ -15,7 +15,7 @@ import numpy as np
 import orjson
 import pytest
 
-from app.compute.registry import ENTRY_POINT_GROUP, discover_plugins
+from app.worker.registry import ENTRY_POINT_GROUP, discover_plugins
 from tests.compute.helpers import NPY, acme_plugins, compute_settings, from_npy, npy_bytes, shm_guard
 from tests.support.gateway import running_gateway
 

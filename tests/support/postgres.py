@@ -62,12 +62,17 @@ def isolated_schema(url: str, seed_sql: str) -> Iterator[str]:
         conn.close()
 
 
-def active_gateway_queries(dsn: str) -> int:
-    """Queries of the gateway (application_name 'gateway') running on the server now."""
+def active_gateway_queries(dsn: str, marker: str = "") -> int:
+    """Queries of the gateway (application_name 'gateway') running on the server now; with ``marker``, only those
+    whose text holds it (on a server that other test runs share, a test counts only its own queries)."""
     conn = psycopg2.connect(dsn)
     try:
         with conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gateway' AND state = 'active'")
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'gateway' AND state = 'active'"
+                " AND strpos(query, %s) > 0",
+                (marker,),
+            )
             row = cur.fetchone()
             assert row is not None
             return int(row[0])

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.compute.registry import TransformInputError, TransformSpec
+from app.worker import TransformInputError, TransformSpec
 
 
 class MovingAverageParams(BaseModel):

@@ -22,15 +22,15 @@ from multiprocessing.connection import Connection
 from multiprocessing.context import BaseContext
 from typing import Any, Literal, Protocol
 
-from app.compute.wire import Job, recv_message, send_message
-from app.compute.worker import worker_main
+from app.compute.stats import ExitReason
+from app.worker.main import worker_main
+from app.worker.wire import Job, recv_message, send_message
 
 log = logging.getLogger(__name__)
 
 STOP_GRACE_S = 5.0
 
 WorkerState = Literal["starting", "idle", "busy", "retiring", "doomed"]
-ExitReason = Literal["recycled", "crashed", "killed", "shutdown", "start_failed"]
 
 
 class Carried(Protocol):

@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.compute.registry import INTEGER_DTYPES, NoParams, Shape, TransformInputError, TransformSpec
+from app.worker.spec import INTEGER_DTYPES, NoParams, Shape, TransformInputError, TransformSpec
 
 PRIME_COUNT_MAX_N = 50_000_000
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.compute import shm
+from app.worker import shm
 from tests.compute.helpers import SHM_PREFIX, segments, shm_guard
 
 pytestmark = pytest.mark.usefixtures("shm_guard")
@@ -57,7 +57,7 @@ def test_workers_mapping_by_name_leave_the_resource_tracker_quiet(tmp_path: Path
     result = run_python(
         f"""
         import multiprocessing as mp
-        from app.compute import shm
+        from app.worker import shm
 
         def worker(name):
             mapping, size = shm.map_segment(name, writable=False)
@@ -87,7 +87,7 @@ def test_a_gateway_that_dies_without_cleaning_up_has_its_segments_removed_by_the
     result = run_python(
         f"""
         import os
-        from app.compute import shm
+        from app.worker import shm
         segment = shm.Segment(shm.SegmentNamer("{SHM_PREFIX}").next(), 4096)
         print(segment.name, flush=True)
         os._exit(1)  # no close(), no atexit
@@ -109,7 +109,7 @@ def test_reserving_more_than_dev_shm_holds_raises_instead_of_sigbus(tmp_path: Pa
         pytest.skip(f"cannot mount a private tmpfs here: {probe.stderr.decode().strip()}")
     result = run_python(
         """
-        from app.compute import shm
+        from app.worker import shm
         print(shm.free_bytes())
         segment = shm.Segment(shm.SegmentNamer("probe").next(), 8 << 20)  # sparse: creating costs nothing
         try:

@@ -22,10 +22,11 @@ import numpy.typing as npt
 import orjson
 from pydantic import ValidationError
 
-from app.compute import npyfmt, shm
-from app.compute.registry import Registry, TransformInputError, TransformSpec, load_registry
-from app.compute.wire import Answer, InlineArray, Job, ShmArray, recv_message, send_message
-from app.lifecycle.children import leave_parent_process_group
+from app.worker import npyfmt, shm
+from app.worker.registry import Registry, load_registry
+from app.worker.signals import leave_parent_process_group
+from app.worker.spec import TransformInputError, TransformSpec
+from app.worker.wire import Answer, InlineArray, Job, ShmArray, recv_message, send_message
 
 NPY_MEDIA_TYPE = "application/x-npy"
 JSON_MEDIA_TYPE = "application/json"
