@@ -36,7 +36,8 @@ lint: install
 typecheck: install
 	$(BIN)/mypy app
 
-pytest: install
+# deploy-tools: tests/deploy/test_alerts_live.py runs the alert rules in a real Prometheus from .tools/bin.
+pytest: install deploy-tools
 	$(BIN)/pytest
 
 ensure-postgres:

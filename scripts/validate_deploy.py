@@ -80,7 +80,7 @@ def tool(name: str) -> str:
             return str(candidate)
     found = shutil.which(name)
     if found is None:
-        hint = "make deploy-tools" if name == "promtool" else "make install"
+        hint = "make deploy-tools" if name in ("promtool", "prometheus") else "make install"
         raise ToolMissing(f"{name} is not installed (run `{hint}`)")
     return found
 

@@ -113,6 +113,7 @@ def build_lifespan(state: GatewayState) -> Callable[[FastAPI], AbstractAsyncCont
             admission.observe(metrics)
             metrics.add_collector(StateCollector(state, sampler.worst_recent_s))
             metrics.upstream.prime(settings.upstreams)
+            metrics.security.prime(key.name for key in settings.auth.keys)
             state.tracing = Tracing(obs.tracing, provider=state.tracer_provider)
             await _open(stack, readiness, "tracing", state.tracing)
             state.guard = Guard(settings, observer=metrics.security)

@@ -156,6 +156,8 @@ class Front:
             if metrics is not None:
                 metrics.requests.labels(route, method, str(status)).inc()
                 metrics.request_latency.labels(route, method).observe(elapsed)
+                if answer.complete in (b"true", b"false"):
+                    metrics.aggregate_answers.labels(route, answer.complete.decode()).inc()
             if route not in UNLOGGED and access_log.isEnabledFor(logging.INFO):
                 extra = {
                     "event": "request",
@@ -231,7 +233,7 @@ class Front:
 class _Answer:
     """The one ``send`` wrapper: what every answer gets, added once."""
 
-    __slots__ = ("_in_flight", "_rid", "_send", "started", "status")
+    __slots__ = ("_in_flight", "_rid", "_send", "complete", "started", "status")
 
     def __init__(self, send: Send, rid: bytes, in_flight: InFlight) -> None:
         self._send = send
@@ -239,13 +241,22 @@ class _Answer:
         self._in_flight = in_flight
         self.started = False
         self.status = 500  # what the server answers if the app raises before starting a response
+        self.complete: bytes | None = None  # an aggregate's X-Aggregate-Complete header
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
             self.started = True
             self.status = message["status"]
-            headers = [h for h in message.get("headers", ()) if h[0].lower() != REQUEST_ID]
-            present = {name.lower() for name, _ in headers}
+            headers = []
+            present = set()
+            for name, value in message.get("headers", ()):
+                lower = name.lower()
+                if lower == REQUEST_ID:
+                    continue
+                if lower == b"x-aggregate-complete":
+                    self.complete = bytes(value)
+                headers.append((name, value))
+                present.add(lower)
             # A route that chose its own (a cacheable answer, say) keeps it.
             headers.extend(h for h in SECURITY_HEADERS if h[0] not in present)
             headers.append((REQUEST_ID, self._rid))

@@ -54,6 +54,11 @@ class Metrics:
         )  # fmt: skip
         # gateway_http_requests_in_flight and gateway_drain_cancelled_requests_total come from the drain's own
         # collector (app/lifecycle/drain.py), which owns the in-flight count.
+        # /aggregate answers by their X-Aggregate-Complete header: a partial answer is a 200 (or, for a composite
+        # with a required source, a 502) with at least one failed source, which the status alone does not show.
+        self.aggregate_answers = Counter(
+            "gateway_aggregate_answers", "Aggregate answers, complete or not.", ["route", "complete"], registry=r
+        )
         self.shed = Counter("gateway_http_requests_shed", "Requests refused at once with 503.", ["reason"], registry=r)
         self.admission_limit = Gauge(
             "gateway_http_admission_limit", "Requests admitted at once, at most (lowered while the loop lags).",
@@ -89,6 +94,9 @@ class Metrics:
         }
         for transport in ("shm", "pickle"):
             self.cpu_transfer.labels(transport)
+        for route in ("/aggregate", "/aggregate/{composite}"):  # the two route templates that answer aggregates
+            for complete in ("true", "false"):
+                self.aggregate_answers.labels(route, complete)
 
     def request_shed(self, reason: str) -> None:
         """AdmissionObserver (app/security/admission.py)."""
@@ -170,6 +178,10 @@ class UpstreamMetrics:
         self._transitions = Counter(
             "gateway_upstream_breaker_transitions", "Breaker state changes.", ["upstream", "to"], registry=r
         )
+        self._refused = Counter(
+            "gateway_upstream_breaker_refused", "Calls refused by an open breaker, nothing sent.", ["upstream"],
+            registry=r,
+        )  # fmt: skip
         self._wait_children: dict[str, Histogram] = {}
         self._latency_children: dict[tuple[str, str], Histogram] = {}
 
@@ -177,6 +189,7 @@ class UpstreamMetrics:
         for name in upstreams:
             self._retries.labels(name)
             self._budget.labels(name)
+            self._refused.labels(name)
             for state in ("open", "half_open", "closed"):
                 self._transitions.labels(name, state)
 
@@ -203,6 +216,9 @@ class UpstreamMetrics:
     def breaker_transition(self, upstream: str, to: BreakerState) -> None:
         self._transitions.labels(upstream, to.name.lower()).inc()
 
+    def breaker_refused(self, upstream: str) -> None:
+        self._refused.labels(upstream).inc()
+
 
 class SecurityMetrics:
     """SecurityObserver for app.security.guard.Guard; ``key`` labels are key names from the config."""
@@ -217,6 +233,12 @@ class SecurityMetrics:
         self._backend_errors = Counter(
             "gateway_rate_limit_backend_errors", "Shared rate-limit backend failures.", registry=r
         )
+        for reason in ("missing", "invalid", "scope"):
+            self._auth_failures.labels(reason)
+
+    def prime(self, keys: Iterable[str]) -> None:
+        for name in keys:
+            self._rate_limited.labels(name)
 
     def auth_failed(self, reason: str) -> None:
         self._auth_failures.labels(reason).inc()

@@ -40,6 +40,7 @@ class UpstreamObserver(Protocol):
     def retry(self, upstream: str) -> None: ...
     def budget_exhausted(self, upstream: str) -> None: ...
     def breaker_transition(self, upstream: str, to: BreakerState) -> None: ...
+    def breaker_refused(self, upstream: str) -> None: ...
 
 
 @dataclass
@@ -165,6 +166,9 @@ class UpstreamClient:
 
     async def _attempt(self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str]) -> Reply:
         if not up.breaker.try_acquire():
+            # Counted apart from attempts (nothing was sent): an outage is mostly refusals once the breaker opens.
+            if self._observer is not None:
+                self._observer.breaker_refused(up.name)
             raise CircuitOpenError(
                 f"{up.name} circuit is open; next probe in {up.breaker.retry_after_s() * 1000:.0f} ms"
             )

@@ -19,6 +19,8 @@ async def scrape_after_traffic(pg_dsn: str, upstream: UpstreamServer) -> str:
         compute={"enabled": True, "workers": 1},
         upstreams={"users": {"base_url": upstream.url}},
         queries={"orders_of": {"sql": "SELECT id FROM orders WHERE user_id = %(u)s", "params": {"u": "int"}}},
+        # A configured key is what gateway_rate_limited_total{key} is labelled by (authentication stays off here).
+        auth={"enabled": False, "keys": [{"name": "ops", "hash": "sha256:" + "ab" * 32, "scopes": ["aggregate"]}]},
     )
     sources: dict[str, Any] = {
         "profile": {"upstream": "users", "path": "/users/1"},

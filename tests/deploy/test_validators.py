@@ -228,7 +228,7 @@ def test_adapter_check_rejects_a_broken_metrics_query(tmp_path: Path) -> None:
 def test_prometheusrule_check_rejects_broken_promql_in_the_manifest(tmp_path: Path) -> None:
     shutil.copytree(v.KUSTOMIZATIONS, tmp_path / "kubernetes")
     rule = tmp_path / "kubernetes/monitoring/prometheusrule.yaml"
-    broken_copy(rule, rule, "gateway_upstream_breaker_state == 2", "gateway_upstream_breaker_state === 2")
+    broken_copy(rule, rule, "gateway_upstream_breaker_state[1m]) == 2", "gateway_upstream_breaker_state[1m]) === 2")
     assert_rejects(v.prometheus_rules_in_manifests(tmp_path / "kubernetes"))
 
 

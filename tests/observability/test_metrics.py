@@ -132,6 +132,12 @@ async def test_failing_upstream_opens_its_breaker(upstream: UpstreamServer) -> N
     assert value(after, "gateway_upstream_breaker_transitions_total", upstream="a", to="open") == 1
     assert value(after, "gateway_upstream_retries_total", upstream="a") == 2
     assert value(after, "gateway_upstream_request_duration_seconds_count", upstream="a", outcome="upstream_status") == 4
+    # The third call is refused by the open breaker: not an attempt, but a refusal; all three answers are partial.
+    assert value(before, "gateway_upstream_breaker_refused_total", upstream="a") == 0
+    assert value(after, "gateway_upstream_breaker_refused_total", upstream="a") == 1
+    assert value(before, "gateway_aggregate_answers_total", route="/aggregate", complete="false") == 0
+    assert value(after, "gateway_aggregate_answers_total", route="/aggregate", complete="false") == 3
+    assert value(after, "gateway_aggregate_answers_total", route="/aggregate", complete="true") == 0
 
 
 async def test_label_sets_stay_bounded(upstream: UpstreamServer) -> None:
