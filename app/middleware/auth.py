@@ -33,7 +33,7 @@ class AuthMiddleware:
             )
             return
         try:
-            principal = guard.authenticate(scope["headers"])
+            principal = await guard.authenticate(scope["headers"])
             if needed is not None:
                 guard.authorize(principal, needed)
             await guard.admit(principal)
