@@ -22,7 +22,7 @@ from app.security.keys import hash_key
 from app.settings import Settings, load_settings
 from tests.aggregate.conftest import upstream_cfg
 from tests.security.conftest import Key, metric, new_key
-from tests.support.gateway import RunningGateway, make_settings, running_gateway
+from tests.support.gateway import RunningGateway, gateway_process, make_settings, running_gateway
 from tests.support.idp import AUDIENCE, ISSUER, IdentityProvider, IdpKey
 from tests.support.upstream import UpstreamServer
 
@@ -343,3 +343,71 @@ def test_check_config_loads_the_key_files(tmp_path: Path, capsys: pytest.Capture
         main(["check-config", str(_config(tmp_path, f'public_key_files = ["{good}"]\nalgorithms = ["RS256"]'))])
     assert excluded.value.code == 2
     assert "leaves ES256 out" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+async def test_verification_does_not_block_the_loop_under_load(idp: IdentityProvider, tmp_path: Path) -> None:
+    """A real `gateway serve` (uvloop, its blocking detector at the default 100 ms) verifying every request's token
+    afresh (no cache), with a closed-loop load of all three algorithms."""
+    keys = [idp.add_key(alg, publish=False) for alg in ALGORITHMS]
+    for key in keys:
+        (tmp_path / f"{key.kid}.pem").write_bytes(key.public_pem())
+    scraper = new_key("scraper", ["metrics"])
+    config = tmp_path / "gateway.toml"
+    config.write_text(
+        "[compute]\nenabled = false\n[rate_limit]\nenabled = false\n[observability]\naccess_log = false\n"
+        f'[[auth.keys]]\nname = "scraper"\nhash = "{scraper.config["hash"]}"\nscopes = ["metrics"]\n'
+        f"[auth.jwt]\npublic_key_files = {json.dumps([str(tmp_path / f'{k.kid}.pem') for k in keys])}\n"
+        f'issuer = "{ISSUER}"\naudience = "{AUDIENCE}"\ntoken_cache_size = 0\n'
+    )
+    tokens = [bearer(idp.mint(keys[i % 3], sub=f"user{i}", scope="metrics")) for i in range(30)]
+    statuses: dict[int, int] = {}
+    with gateway_process(config, tmp_path, auth=True) as gw:
+        async with aiohttp.ClientSession() as client:
+
+            async def blocked() -> float:
+                async with client.get(f"{gw.url}/metrics", headers=scraper.bearer) as resp:
+                    return metric(await resp.text(), "gateway_event_loop_blocked_total")
+
+            before = await blocked()
+
+            async def worker(offset: int) -> None:
+                for i in range(100):
+                    # An unrouted path: the request is authenticated (the token verified), then answered 404.
+                    async with client.get(f"{gw.url}/nothing", headers=tokens[(offset + i) % len(tokens)]) as resp:
+                        statuses[resp.status] = statuses.get(resp.status, 0) + 1
+
+            async with asyncio.TaskGroup() as tg:
+                for offset in range(16):
+                    tg.create_task(worker(offset))
+            after = await blocked()
+    assert statuses == {404: 1600}, "every token verified"
+    assert after == before, "the loop stalled past 100 ms while verifying tokens"
+
+
+async def test_a_cached_token_expires_at_its_exp(idp: IdentityProvider, tmp_path: Path) -> None:
+    from app.errors import TokenExpiredError
+    from app.security.jwt import TokenVerifier
+    from app.settings import JwtSettings
+
+    key = idp.add_key("EdDSA", publish=False)
+    (tmp_path / "idp.pem").write_bytes(key.public_pem())
+    settings = JwtSettings(public_key_files=[tmp_path / "idp.pem"], issuer=ISSUER, audience=AUDIENCE, leeway_s=0)
+    verifier = TokenVerifier(settings)
+    await verifier.start()
+    try:
+        token = idp.mint(key, exp=int(time.time()) + 1, scope="metrics")
+        first = await verifier.verify(token)
+        assert first.subject == "alice"
+        assert first.rate_key == "jwt:alice"
+        assert await verifier.verify(token) is first, "the second time from the cache"
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                await verifier.verify(token)
+            except TokenExpiredError:
+                break
+            assert time.monotonic() < deadline, "the cache outlived the token"
+            await asyncio.sleep(0.05)
+    finally:
+        await verifier.aclose()
