@@ -5,11 +5,12 @@ parts, an algorithm of [auth.jwt] algorithms, no ``crit``), then a key of that a
 signature check with that one key and that one algorithm (the key decides the algorithm, never the header: no
 ``none``, and never an HMAC with a public key as its secret), then ``exp``, ``nbf``, ``iat``, ``iss``, ``aud``.
 
-Verifying costs 60-110 us of CPU on the loop (RS256 the cheapest, EdDSA the dearest; measured in docs/security.md):
-far below the blocking detector's threshold and less than handing the work to a thread would, so it runs inline.
-Clients send the same token for its whole life, so a verified token is remembered (a bounded LRU keyed by its
-SHA-256) until its ``exp`` at the latest; a hit costs about 2 us. The cache is emptied whenever the key set changes,
-so a key the provider withdrew stops every token it signed.
+Verifying costs 55-95 us of CPU on the loop (RS256 the cheapest, EdDSA the dearest; docs/security.md has the
+measurements): far below the blocking detector's threshold, so it runs inline. But cryptography releases the GIL
+while it verifies, and with a busy thread in the process getting it back can take milliseconds; and clients send
+one token for its whole life. So a verified token is remembered (a bounded LRU keyed by its SHA-256) until its
+``exp`` at the latest; a hit costs about 1 us. The cache is emptied whenever the key set changes, so a key the
+provider withdrew stops every token it signed.
 """
 
 from __future__ import annotations
