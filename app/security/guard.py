@@ -12,7 +12,6 @@ from app.errors import (
     ForbiddenError,
     InsufficientScopeError,
     InvalidTokenError,
-    MalformedTokenError,
     OverloadedError,
     RateLimitBackendError,
     RateLimitedError,
@@ -111,16 +110,15 @@ class Guard:
         principal = self.keys.lookup(presented)
         if principal is not None:
             return principal
-        if self.tokens is not None and (looks_like_jwt(presented) or not len(self.keys)):
-            try:
-                if not looks_like_jwt(presented):
-                    raise MalformedTokenError("the bearer token is not a JWT")
-                return await self.tokens.verify(presented)
-            except InvalidTokenError as err:
-                self._observer.auth_failed(err.reason)
-                raise
-        self._observer.auth_failed("invalid")
-        raise UnauthorizedError("the API key is not valid")
+        # Not a key: a token, when it looks like one or when no key is configured (then 401 invalid_token either way).
+        if self.tokens is None or (len(self.keys) and not looks_like_jwt(presented)):
+            self._observer.auth_failed("invalid")
+            raise UnauthorizedError("the API key is not valid")
+        try:
+            return await self.tokens.verify(presented)
+        except InvalidTokenError as err:
+            self._observer.auth_failed(err.reason)
+            raise
 
     def authorize(self, principal: Principal, scope: str) -> None:
         """Raises ForbiddenError (InsufficientScopeError for a token) when the caller lacks ``scope``."""

@@ -107,6 +107,8 @@ class TokenVerifier:
         (503) while no key set has ever been fetched."""
         if len(token) > self._settings.max_token_bytes:
             raise MalformedTokenError("the token is too long")
+        if not looks_like_jwt(token):
+            raise MalformedTokenError("the bearer token is not a JWT")
         digest = hashlib.sha256(token.encode()).digest()
         cached = self._cache.get(digest, time.time())
         if cached is not None:
