@@ -64,6 +64,8 @@ class IdentityProvider:
         self.mode: Literal["ok", "error"] = "ok"
         self.fetches = 0
         self.fetched = asyncio.Event()  # set on every fetch; a test clears it before waiting for the next
+        self.gate: asyncio.Event | None = None  # when set to an Event, every answer waits for it
+        self.document: bytes | None = None  # served instead of the published keys' JWKS
         self._runner: web.AppRunner | None = None
         self.port = 0
         self._serial = 0
@@ -90,10 +92,12 @@ class IdentityProvider:
     async def _jwks(self, request: web.Request) -> web.Response:
         self.fetches += 1
         self.fetched.set()
+        if self.gate is not None:
+            await self.gate.wait()
         if self.mode == "error":
             return web.Response(status=503, text="maintenance")
-        document = {"keys": [k.jwk() for k in self.published]}
-        return web.Response(body=json.dumps(document).encode(), content_type="application/json")
+        document = self.document or json.dumps({"keys": [k.jwk() for k in self.published]}).encode()
+        return web.Response(body=document, content_type="application/json")
 
     async def start(self) -> None:
         app = web.Application()
