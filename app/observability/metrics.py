@@ -239,11 +239,11 @@ class SecurityMetrics:
     def rate_limited(self, key: str) -> None:
         self._rate_limited.labels(key).inc()
 
-    def backend_error(self) -> None:
-        self._backend_errors.inc()
-
     def jwks_fetched(self, outcome: str) -> None:
         self._jwks_fetches.labels(outcome).inc()
+
+    def backend_error(self) -> None:
+        self._backend_errors.inc()
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
