@@ -20,8 +20,19 @@ GatewayError
 │   │       ├── TooManyElementsError   more elements than the transform or compute.max_elements allows
 │   │       ├── NonFiniteDataError     NaN or infinity where the transform forbids them
 │   │       └── InvalidInputError      values the transform refuses (out of range, empty, ...)
-│   ├── UnauthorizedError       401 + WWW-Authenticate: no valid API key
+│   ├── UnauthorizedError       401 + WWW-Authenticate: no credentials, or no valid API key
+│   │   └── InvalidTokenError       401, error="invalid_token" (RFC 6750): a bearer JWT that does not verify
+│   │       ├── MalformedTokenError     not a JWT, too long, or its header or claims are unreadable
+│   │       ├── TokenAlgorithmError     alg outside [auth.jwt] algorithms (none, HS256, ...) or not its key's
+│   │       ├── UnknownSigningKeyError  no key with its kid, even after fetching the JWKS again
+│   │       ├── BadSignatureError       the signature does not verify
+│   │       ├── TokenExpiredError       exp has passed, beyond the leeway
+│   │       ├── TokenNotYetValidError   nbf or iat is in the future, beyond the leeway
+│   │       ├── TokenIssuerError        iss is not [auth.jwt] issuer
+│   │       ├── TokenAudienceError      aud does not name [auth.jwt] audience
+│   │       └── TokenClaimsError        a required claim (exp, iss, aud, sub) is missing, or one is of the wrong type
 │   ├── ForbiddenError          403: the key lacks the scope, or a source is outside its allowlist
+│   │   └── InsufficientScopeError  403, error="insufficient_scope": the token lacks the scope
 │   ├── NotFoundError           404
 │   ├── NotAcceptableError      406: no answer format the client accepts
 │   ├── ProfilerBusyError       409: a profile is already running (/debug/profile)
@@ -34,6 +45,7 @@ GatewayError
 │   │   └── TooManyHeadersError      431: more header fields than limits.max_headers
 │   ├── ClientDisconnectedError 499: the client went away; its work was cancelled (nobody reads the answer)
 │   ├── TransformFailedError    500: a transform raised or returned something unusable (a bug in it)
+│   ├── SigningKeysUnavailableError  503 + Retry-After: no JWKS has been fetched yet (the identity provider is down)
 │   ├── OverloadedError         503 + Retry-After: a bounded queue or the in-flight limit is full; nothing started
 │   │   └── WorkerUnavailableError  no worker became free within queue_timeout_s
 │   ├── NotReadyError           503 + Retry-After: the gateway has not started, or the resource is closed
@@ -132,10 +144,81 @@ class UnauthorizedError(ProblemError):
         return {"WWW-Authenticate": 'Bearer realm="gateway"'}
 
 
+# RFC 6750 section 3: an error_description holds no quote, backslash or control character.
+_DESCRIPTION_UNSAFE = str.maketrans({'"': "'", "\\": "/"})
+
+
+class InvalidTokenError(UnauthorizedError):
+    type = "invalid-token"
+    title = "Invalid bearer token"
+    reason = "token"  # the auth-failure metric's label: a closed set, one per leaf
+
+    def headers(self) -> dict[str, str]:
+        description = "".join(c for c in self.detail.translate(_DESCRIPTION_UNSAFE) if " " <= c <= "~")
+        return {"WWW-Authenticate": f'Bearer realm="gateway", error="invalid_token", error_description="{description}"'}
+
+
+class MalformedTokenError(InvalidTokenError):
+    reason = "token_malformed"
+
+
+class TokenAlgorithmError(InvalidTokenError):
+    reason = "token_algorithm"
+
+
+class UnknownSigningKeyError(InvalidTokenError):
+    reason = "token_unknown_key"
+
+
+class BadSignatureError(InvalidTokenError):
+    reason = "token_signature"
+
+
+class TokenExpiredError(InvalidTokenError):
+    reason = "token_expired"
+
+
+class TokenNotYetValidError(InvalidTokenError):
+    reason = "token_not_yet_valid"
+
+
+class TokenIssuerError(InvalidTokenError):
+    reason = "token_issuer"
+
+
+class TokenAudienceError(InvalidTokenError):
+    reason = "token_audience"
+
+
+class TokenClaimsError(InvalidTokenError):
+    reason = "token_claims"
+
+
 class ForbiddenError(ProblemError):
     status = 403
     type = "forbidden"
     title = "Forbidden"
+
+
+class InsufficientScopeError(ForbiddenError):
+    type = "insufficient-scope"
+    title = "Insufficient scope"
+
+    def __init__(self, detail: str, *, scope: str) -> None:
+        super().__init__(detail)
+        self.scope = scope
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": f'Bearer realm="gateway", error="insufficient_scope", scope="{self.scope}"'}
+
+
+class SigningKeysUnavailableError(ProblemError):
+    status = 503
+    type = "signing-keys-unavailable"
+    title = "Signing keys unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class NotFoundError(ProblemError):

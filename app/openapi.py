@@ -41,13 +41,13 @@ _ANYWHERE = {
     "503": "Overloaded or not ready: retry after Retry-After seconds",
 }
 _PROTECTED = {
-    "401": "No valid API key",
-    "403": "The key lacks the scope, or names a source outside its allowlist",
+    "401": "No valid API key or bearer token (WWW-Authenticate says which, RFC 6750)",
+    "403": "The key or token lacks the scope, or names a source outside its allowlist",
     "429": "The key's rate limit is exhausted: retry after Retry-After seconds",
 }
 _RETRY_AFTER = {"Retry-After": {"description": "Seconds to wait", "schema": {"type": "integer"}, "required": True}}
 _SECURITY_SCHEMES = {
-    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key>"},
+    "bearerAuth": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <key or JWT>"},
     "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
 }
 _FASTAPI_DEFAULTS = ("HTTPValidationError", "ValidationError")

@@ -357,10 +357,89 @@ class ApiKeyConfig(_Section):
         return value
 
 
+JwtAlgorithm = Literal["RS256", "ES256", "EdDSA"]
+_JWT_ALGORITHMS: tuple[JwtAlgorithm, ...] = ("RS256", "ES256", "EdDSA")
+
+
+class JwtSettings(_Section):
+    """Bearer JWTs from one identity provider, next to API keys (app/security/jwt.py)."""
+
+    jwks_url: str | None = Field(None, description="https (http only on a loopback address); or public_key_files.")
+    public_key_files: list[Path] | None = Field(None, min_length=1, max_length=16, description="PEM public keys.")
+    issuer: str = Field(min_length=1, description="The `iss` every token must carry.")
+    audience: str = Field(min_length=1, description="The `aud` every token must carry (one of, for a list).")
+    # Asymmetric only: an HMAC algorithm would make the public key a shared secret, and `none` no signature.
+    algorithms: list[JwtAlgorithm] = Field(default_factory=lambda: list(_JWT_ALGORITHMS), min_length=1)
+    scopes_claim: str = Field("scope", min_length=1, max_length=64, description="scope, scp or a custom claim.")
+    leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp, nbf and iat.")
+    # Every token holder's allowlists and rate, as for an API key; None: no restriction, [rate_limit] defaults.
+    upstreams: list[Name] | None = None
+    queries: list[Name] | None = None
+    composites: list[Name] | None = None
+    rate: KeyRate | None = Field(None, description="Each subject's own token bucket; default: [rate_limit].")
+    refresh_interval_s: float = Field(300.0, ge=10, le=86_400, description="JWKS fetched again this often.")
+    min_refresh_interval_s: float = Field(
+        10.0, ge=1, le=3600, description="An unknown kid fetches the JWKS at most once per this interval."
+    )
+    fetch_timeout_s: float = Field(5.0, gt=0, le=60, description="One JWKS request, at most.")
+    token_cache_size: int = Field(4096, ge=0, le=1_000_000, description="Verified tokens remembered; 0: none.")
+    max_token_bytes: int = Field(8192, ge=512, le=65_536, description="Longer bearer tokens are refused unread.")
+
+    @field_validator("jwks_url")
+    @classmethod
+    def _https_unless_loopback(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an absolute https:// URL")
+        if parts.username or parts.password or parts.fragment:
+            raise ValueError("must not carry credentials or a fragment")
+        if parts.scheme == "http" and not _loopback(parts.hostname):
+            raise ValueError("must be https:// (plain http only on a loopback address): keys must not be spoofable")
+        return value
+
+    @field_validator("public_key_files")
+    @classmethod
+    def _readable(cls, value: list[Path] | None) -> list[Path] | None:
+        for path in value or ():
+            if not path.is_file():
+                raise ValueError(f"no such file: {path}")
+        return value
+
+    @field_validator("algorithms", mode="before")
+    @classmethod
+    def _asymmetric(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            bad = [str(a) for a in value if a not in _JWT_ALGORITHMS]
+            if bad:
+                raise ValueError(f"only {', '.join(_JWT_ALGORITHMS)} are accepted, not {', '.join(bad)}")
+            return list(dict.fromkeys(value))
+        return value
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> JwtSettings:
+        if (self.jwks_url is None) == (self.public_key_files is None):
+            raise ValueError("give exactly one of jwks_url or public_key_files")
+        return self
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class AuthSettings(_Section):
     # On unless switched off in so many words: a gateway on the boundary must not start open by accident.
     enabled: bool = Field(True, description="false only explicitly: every client may then call every route.")
     keys: list[ApiKeyConfig] = Field(default_factory=list, max_length=10_000)
+    jwt: JwtSettings | None = Field(None, description="Bearer JWTs, next to (or instead of) API keys.")
 
     @model_validator(mode="after")
     def _unique(self) -> AuthSettings:
@@ -504,15 +583,18 @@ class Settings(BaseSettings):
     def _key_allowlists_resolve(self) -> Settings:
         # A misspelt name in an allowlist would lock a client out silently: refuse it at start-up instead.
         problems = []
-        for key in self.auth.keys:
+        grants: list[tuple[str, ApiKeyConfig | JwtSettings]] = [(f"auth key '{k.name}'", k) for k in self.auth.keys]
+        if self.auth.jwt is not None:
+            grants.append(("auth.jwt", self.auth.jwt))
+        for who, grant in grants:
             for kind, known in (
                 ("upstreams", self.upstreams),
                 ("queries", self.queries),
                 ("composites", self.composites),
             ):
-                unknown = sorted(set(getattr(key, kind) or ()) - set(known))
+                unknown = sorted(set(getattr(grant, kind) or ()) - set(known))
                 if unknown:
-                    problems.append(f"auth key '{key.name}': unknown {kind}: {', '.join(unknown)}")
+                    problems.append(f"{who}: unknown {kind}: {', '.join(unknown)}")
         if problems:
             raise ValueError("; ".join(problems))
         return self

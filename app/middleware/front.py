@@ -195,7 +195,7 @@ class Front:
                 guard = self.state.guard
                 if guard is None:
                     raise NotReadyError("the gateway is not ready")
-                principal = guard.authenticate(scope["headers"])
+                principal = await guard.authenticate(scope["headers"])
                 if needed is not None:
                     guard.authorize(principal, needed)
                 await guard.admit(principal)

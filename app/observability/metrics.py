@@ -221,7 +221,8 @@ class UpstreamMetrics:
 
 
 class SecurityMetrics:
-    """SecurityObserver for app.security.guard.Guard; ``key`` labels are key names from the config."""
+    """SecurityObserver for app.security.guard.Guard; ``key`` labels are key names from the config (``<jwt>`` for
+    every bearer token, whose subjects are unbounded); ``reason`` and ``outcome`` are closed sets."""
 
     def __init__(self, r: CollectorRegistry) -> None:
         self._auth_failures = Counter(
@@ -233,6 +234,11 @@ class SecurityMetrics:
         self._backend_errors = Counter(
             "gateway_rate_limit_backend_errors", "Shared rate-limit backend failures.", registry=r
         )
+        self._jwks_fetches = Counter(
+            "gateway_jwks_fetches", "JWKS fetches from the identity provider, by outcome.", ["outcome"], registry=r
+        )
+        for outcome in ("changed", "unchanged", "failed"):
+            self._jwks_fetches.labels(outcome)
         for reason in ("missing", "invalid", "scope"):
             self._auth_failures.labels(reason)
 
@@ -245,6 +251,9 @@ class SecurityMetrics:
 
     def rate_limited(self, key: str) -> None:
         self._rate_limited.labels(key).inc()
+
+    def jwks_fetched(self, outcome: str) -> None:
+        self._jwks_fetches.labels(outcome).inc()
 
     def backend_error(self) -> None:
         self._backend_errors.inc()

@@ -27,7 +27,8 @@ def hash_key(key: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """An authenticated caller. An allowlist of None allows everything of that kind; an empty one nothing."""
+    """An authenticated caller: an API key, or a bearer JWT's subject. An allowlist of None allows everything of
+    that kind; an empty one nothing."""
 
     name: str
     scopes: frozenset[str]
@@ -35,6 +36,13 @@ class Principal:
     queries: frozenset[str] | None = None
     composites: frozenset[str] | None = None
     rate: KeyRate | None = None
+    subject: str | None = None  # a bearer JWT's `sub`; None for an API key
+
+    @property
+    def rate_key(self) -> str:
+        """Whose token bucket this request draws on: the key's, or the token subject's (a `:` keeps the two
+        apart, as key names cannot hold one)."""
+        return self.name if self.subject is None else "jwt:" + self.subject
 
     @classmethod
     def from_config(cls, key: ApiKeyConfig) -> Principal:

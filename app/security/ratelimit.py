@@ -1,5 +1,5 @@
-"""Rate limits per API key: a token bucket per key, behind a Protocol so that a shared backend (Redis) can stand in
-for the in-process one when several replicas must share one limit."""
+"""Rate limits per API key or token subject: a token bucket per key, behind a Protocol so that a shared backend
+(Redis) can stand in for the in-process one when several replicas must share one limit."""
 
 from __future__ import annotations
 
@@ -40,14 +40,21 @@ def take(tokens: float, elapsed_s: float, rate_per_s: float, burst: int) -> tupl
     return tokens, Decision(False, tokens, (1.0 - tokens) / rate_per_s)
 
 
+# Buckets kept, at most: API keys are bounded by the config, but token subjects are not.
+MAX_BUCKETS = 100_000
+
+
 class LocalRateLimiter:
     """Buckets in this process's memory: exact for one replica; N replicas allow N times the rate.
 
-    Keys come from the configuration, so the number of buckets is bounded by it. Everything runs on the event
-    loop without awaiting, so no lock is needed.
+    At most ``max_buckets``, least recently used forgotten first: a forgotten bucket comes back full, which its key
+    had earned anyway unless it was used again within burst / rate seconds. Everything runs on the event loop
+    without awaiting, so no lock is needed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_buckets: int = MAX_BUCKETS) -> None:
+        self._max_buckets = max_buckets
+        # In least-recently-used order: a key is popped and put back at the end on every request.
         self._buckets: dict[str, tuple[float, float]] = {}
 
     async def start(self) -> None:
@@ -58,7 +65,9 @@ class LocalRateLimiter:
 
     async def acquire(self, key: str, rate_per_s: float, burst: int) -> Decision:
         now = time.monotonic()
-        tokens, last = self._buckets.get(key, (float(burst), now))
+        tokens, last = self._buckets.pop(key, (float(burst), now))
         tokens, decision = take(tokens, now - last, rate_per_s, burst)
         self._buckets[key] = (tokens, now)
+        if len(self._buckets) > self._max_buckets:
+            del self._buckets[next(iter(self._buckets))]
         return decision

@@ -68,3 +68,14 @@ async def test_each_key_has_its_own_bucket_and_rate() -> None:
             text = await resp.text()
     assert 'gateway_rate_limited_total{key="slow"} 1.0' in text
     assert 'gateway_rate_limited_total{key="fast"} 0.0' in text  # primed at 0, never limited
+
+
+async def test_local_limiter_forgets_the_least_recently_used_bucket() -> None:
+    # Token subjects are unbounded: the buckets kept are not.
+    limiter = LocalRateLimiter(max_buckets=2)
+    assert (await limiter.acquire("a", 0.001, 1)).allowed
+    assert (await limiter.acquire("b", 0.001, 1)).allowed
+    assert not (await limiter.acquire("a", 0.001, 1)).allowed  # a is now the most recently used
+    assert (await limiter.acquire("c", 0.001, 1)).allowed  # b is forgotten
+    assert not (await limiter.acquire("a", 0.001, 1)).allowed
+    assert (await limiter.acquire("b", 0.001, 1)).allowed, "a forgotten bucket comes back full"
