@@ -13,8 +13,10 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
+from app.aggregate.execute import Aggregator
 from app.aggregate.models import AggregateRequest, AggregateResponse, FlatAggregateResponse, SourceResult
-from app.aggregate.service import Aggregator, Plan, effective_deadline_s, merge_flat, plan_composite, plan_request
+from app.aggregate.plan import Plan, effective_deadline_s, plan_composite, plan_request
+from app.aggregate.results import merge_flat
 from app.errors import ClientDisconnectedError, ValidationFailedError
 from app.middleware.request_id import request_id_of
 from app.observability.http import add_log_fields

@@ -89,6 +89,9 @@ async def test_full_executor_fails_fast_as_overloaded(pg_dsn: str) -> None:
     kinds = sorted((r["error"] or {}).get("type", "ok") for r in body["results"].values())
     assert kinds == ["ok", "ok", "overloaded", "overloaded"], body
     assert elapsed < 1.6
+    # A query refused by the full queue never reached the server: no attempt.
+    attempts = sorted((r["ok"], r["attempts"]) for r in body["results"].values())
+    assert attempts == [(False, 0), (False, 0), (True, 1), (True, 1)]
 
 
 @pytest.mark.parametrize("params", [{"user_id": "1; DROP TABLE orders"}, {"user_id": 1, "extra": 2}, {}])
