@@ -10,13 +10,13 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 # it needs.
 from typing_extensions import TypedDict
 
+from app.headers import HEADER_NAME_PATTERN, HEADER_VALUE_PATTERN
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
 Scalar = Annotated[str, Field(max_length=4096)] | int | float | bool
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-# An RFC 9110 token, and a value without CR, LF, NUL or other controls: anything else would break the request line
-# the gateway writes upstream (the HTTP client refuses it, too late to be the client's 422).
-HeaderName = Annotated[str, Field(max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
-HeaderValue = Annotated[str, Field(max_length=8192, pattern=r"^[\t\x20-\x7e\x80-\uffff]*$")]
+HeaderName = Annotated[str, Field(max_length=256, pattern=HEADER_NAME_PATTERN)]
+HeaderValue = Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]
 
 
 class UpstreamSourceSpec(BaseModel):

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Mapping
+from collections.abc import Mapping
 from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Path, Request
@@ -21,6 +20,7 @@ from app.errors import ClientDisconnectedError, ValidationFailedError
 from app.middleware.request_id import request_id_of
 from app.observability.http import add_log_fields
 from app.responses import JSONResponse
+from app.routes.disconnect import until_disconnected
 from app.security.policy import authorize_composite, authorize_sources, principal_of
 from app.state import GatewayState, get_state
 
@@ -148,7 +148,8 @@ async def _run(
         state.require_upstreams(), state.db, state.cpu, tracing=state.tracing, scope=request.scope, split_keys=flat
     )
     headers = {"X-Request-ID": request_id_of(request.scope)}
-    results = await until_disconnected(request, aggregator.run(plans, deadline_s, headers=headers))
+    work = aggregator.run(plans, deadline_s, headers=headers)
+    results = await until_disconnected(request.receive, work, what="the aggregate finished")
     add_log_fields(
         request.scope,
         sources={
@@ -161,44 +162,3 @@ async def _run(
         },
     )
     return results
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` unless the client goes away first; then cancel it (its upstream calls close their
-    connections, its queries are cancelled on the server) and raise ClientDisconnectedError.
-
-    FastAPI does not cancel a handler whose client disconnected; the body is already read here, so the next
-    ASGI receive() returns only when the client disconnects. The work runs in this task (no task per request for
-    it); one watcher task waits for the disconnect and cancels this task when it comes.
-    """
-    current = asyncio.current_task()
-    assert current is not None
-    disconnected = False
-
-    async def watch() -> None:
-        nonlocal disconnected
-        await _wait_for_disconnect(request)
-        disconnected = True
-        current.cancel()
-
-    watcher = asyncio.create_task(watch(), name="disconnect-watcher")
-    try:
-        return await work
-    except asyncio.CancelledError:
-        # Cancelled by the watcher, and by nothing else (the server's own cancellation, a drain timeout, stays
-        # a cancellation): that cancellation is spent here and becomes the disconnect.
-        if disconnected and current.uncancel() == 0:
-            raise ClientDisconnectedError("the client disconnected before the aggregate finished") from None
-        raise
-    finally:
-        if not watcher.done():
-            watcher.cancel()
-            # Wait for it to finish cancelling, so no task outlives the request.
-            await asyncio.wait({watcher})
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

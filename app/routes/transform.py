@@ -7,8 +7,6 @@ answer is streamed to the client from the segment the worker wrote it into, or s
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request
@@ -20,6 +18,7 @@ from app.compute import answers, shm, staging
 from app.compute.pool import Completed, CpuPool
 from app.compute.wire import Job, OutputFormat
 from app.errors import (
+    ClientDisconnectedError,
     InvalidParamsError,
     MalformedInputError,
     NotFoundError,
@@ -28,6 +27,7 @@ from app.errors import (
     UnsupportedMediaTypeError,
 )
 from app.responses import JSONResponse
+from app.routes.disconnect import until_disconnected
 from app.settings import ComputeSettings
 from app.state import get_state
 
@@ -36,7 +36,6 @@ router = APIRouter(tags=["transform"])
 T = TypeVar("T")
 
 STREAM_CHUNK = 1024 * 1024
-CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention); nobody reads this
 
 
 @router.get("/transform")
@@ -131,7 +130,7 @@ async def transform(
                     params = query_params
                     staged = await staging.stage_npy(stream, spec, params, settings, pool, content_length=length)
         except ClientDisconnect:
-            return Response(status_code=CLIENT_CLOSED)
+            raise ClientDisconnectedError("the client disconnected while sending the body") from None
         except TimeoutError as exc:
             raise RequestTimeoutError(f"the body did not arrive within {settings.body_timeout_s:g} s") from exc
         output: shm.Segment | None = None
@@ -150,7 +149,7 @@ async def transform(
             )
             # Awaiting the job holds an input segment and maybe an output one: both are unlinked in the
             # finally below on every path, and the pool itself kills the worker if this await is cancelled.
-            completed = await _unless_disconnected(pool.run(job, admission), request.receive)
+            completed = await until_disconnected(request.receive, pool.run(job, admission), what="the job finished")
         except BaseException:
             if output is not None:
                 output.unlink()
@@ -160,10 +159,6 @@ async def transform(
             staging.discard(staged, pool)
             if output is not None:
                 output.unlink()  # the name goes now; the mapping stays for the answer below
-    if completed is None:
-        if output is not None:
-            pool.dispose(close=[output])
-        return Response(status_code=CLIENT_CLOSED)
     return _answer(completed, output, pool)
 
 
@@ -189,32 +184,6 @@ def _content_length(request: Request, settings: ComputeSettings) -> int | None:
     if length > settings.max_body_bytes:
         raise PayloadTooLargeError(f"the body is {length} bytes; transforms take at most {settings.max_body_bytes}")
     return length
-
-
-async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T | None:
-    """Await ``work``, or cancel it and return None as soon as the client disconnects."""
-    job = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(receive))
-    try:
-        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        # Whichever way we leave (done, disconnected, or cancelled ourselves), neither task outlives this call.
-        for task in (job, watcher):
-            if not task.done():
-                task.cancel()
-        for task in (job, watcher):
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({task})
-    if job.cancelled():
-        return None
-    return job.result()
-
-
-async def _disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _answer(completed: Completed, output: shm.Segment | None, pool: CpuPool) -> Response:
