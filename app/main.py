@@ -71,7 +71,7 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
     unruled = rules.unruled(_paths(app.routes))
     if unruled:
         raise ConfigError([f"route {path} has no access rule in app/security/access.py" for path in unruled])
-    install_openapi(app, rules, auth=settings.auth.enabled)
+    install_openapi(app, rules, settings)
     _add_middleware(app, settings, rules)
     return app
 

@@ -19,8 +19,10 @@ HeaderName = Annotated[str, Field(max_length=256, pattern=HEADER_NAME_PATTERN)]
 HeaderValue = Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]
 
 
+# Strict: JSON gives each value its type, and the gateway takes it as given (no "5" for 5), so that what the
+# document says (app/openapi.py) and what is accepted are the same thing. Strict JSON still takes 5 for a float.
 class UpstreamSourceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     upstream: Name
     path: str = Field(min_length=1, max_length=2048)
@@ -42,7 +44,7 @@ class UpstreamSourceSpec(BaseModel):
 
 
 class QuerySourceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: Name
     params: dict[Annotated[str, Field(max_length=256)], Scalar | None] = Field(default_factory=dict, max_length=64)
@@ -75,6 +77,7 @@ SourceSpec = Annotated[
 class AggregateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {

@@ -89,12 +89,14 @@ def plan_request(settings: Settings, request: AggregateRequest) -> dict[str, Pla
     return plans
 
 
-def _plan_query(settings: Settings, loc: str, spec: QuerySourceSpec, problems: _Problems) -> QueryPlan | None:
+def _plan_query(
+    settings: Settings, loc: str, spec: QuerySourceSpec, problems: _Problems, *, strict: bool = True
+) -> QueryPlan | None:
     query = settings.queries.get(spec.query)
     if query is None:
         problems.add(f"{loc}.query", f"unknown query '{spec.query}'", "unknown_query")
         return None
-    bound, errors = bind(query, dict(spec.params))
+    bound, errors = bind(query, dict(spec.params), strict=strict)
     for msg in errors:
         problems.add(f"{loc}.params", msg, "bad_param")
     return None if errors else QueryPlan(spec.query, query, bound)
@@ -121,6 +123,10 @@ def plan_composite(settings: Settings, name: str, query: Mapping[str, str]) -> t
             values[key] = coerce(query[key], type_)
         except ValueError as exc:
             problems.add(f"query.{key}", f"parameter '{key}': {exc}", "bad_param")
+    for key in sorted(_path_segment_fields(composite) & set(values)):
+        if _text(values[key]) in ("", ".", ".."):
+            msg = f"parameter '{key}' fills a path segment: it cannot be empty, '.' or '..'"
+            problems.add(f"query.{key}", msg, "bad_param")
     problems.raise_if_any("composite request")
     plans: dict[str, Plan] = {}
     for sname, source in composite.sources.items():
@@ -137,28 +143,43 @@ def _plan_composite_source(
     fields = tuple(source.fields) if source.fields is not None else None
     if source.upstream is not None:
         assert source.path is not None
-        # Each value is percent-encoded whole, so a value can never add a path segment or a '..'.
-        path = source.path.format_map({k: quote(_text(v), safe="") for k, v in values.items()})
-        spec = UpstreamSourceSpec(
-            upstream=source.upstream,
-            path=path,
-            method=source.method,
-            params={k: _fill(t, values) for k, t in source.params.items()},
-        )
-        plan = _plan_upstream(settings, loc, spec, problems)
-        if plan is None:
+        upstream = settings.upstreams.get(source.upstream)
+        if upstream is None:
+            problems.add(f"{loc}.upstream", f"unknown upstream '{source.upstream}'", "unknown_upstream")
             return None
-        return UpstreamPlan(plan.upstream, plan.out, fields, source.required)
+        try:
+            # The operator's template is confined as any path; then each value goes in percent-encoded whole and
+            # is never decoded again, so that it can never add a segment, a '..', a query or a fragment ('a/b'
+            # stays one segment, a%2Fb). Values that would make a segment empty, '.' or '..' were refused above.
+            path = confine_path(source.path)
+            for key, value in values.items():
+                path = path.replace(f"%7B{key}%7D", quote(_text(value), safe=""))
+            url = join_url(upstream.base_url, path)
+        except (UnsafePathError, UnicodeDecodeError) as exc:
+            problems.add(f"{loc}.path", str(exc), "unsafe_path")
+            return None
+        params = {k: _text(_fill(t, values)) for k, t in source.params.items()}
+        return UpstreamPlan(source.upstream, Outbound(source.method, url, params), fields, source.required)
     assert source.query is not None
-    qplan = _plan_query(
-        settings,
-        loc,
-        QuerySourceSpec(query=source.query, params={k: _fill(t, values) for k, t in source.params.items()}),
-        problems,
+    # Built from the validated config and typed values, not from a client's JSON: not validated again. Templates
+    # make text, which the query's declared types then convert (not strict, unlike a client's JSON).
+    spec = QuerySourceSpec.model_construct(
+        query=source.query, params={k: _fill(t, values) for k, t in source.params.items()}
     )
+    qplan = _plan_query(settings, loc, spec, problems, strict=False)
     if qplan is None:
         return None
     return QueryPlan(qplan.query, qplan.config, qplan.params, fields, source.required)
+
+
+def path_segment_fields(source: CompositeSource) -> set[str]:
+    """The template fields that make a whole segment of the source's path ('/users/{user_id}')."""
+    segments = (source.path or "").split("/")
+    return {seg[1:-1] for seg in segments if seg.startswith("{") and seg.endswith("}") and seg[1:-1].isidentifier()}
+
+
+def _path_segment_fields(composite: CompositeConfig) -> set[str]:
+    return {name for source in composite.sources.values() for name in path_segment_fields(source)}
 
 
 def _fill(template: str, values: dict[str, Any]) -> Any:

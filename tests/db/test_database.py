@@ -36,7 +36,7 @@ async def aggregate(client: aiohttp.ClientSession, url: str, sources: dict[str, 
 
 async def test_query_returns_typed_rows(pg_dsn: str) -> None:
     async with running_gateway(db_settings(pg_dsn)) as gw, aiohttp.ClientSession() as client:
-        status, body = await aggregate(client, gw.url, {"o": {"query": "orders_of", "params": {"user_id": "3"}}})
+        status, body = await aggregate(client, gw.url, {"o": {"query": "orders_of", "params": {"user_id": 3}}})
     assert status == 200, body
     result = body["results"]["o"]
     assert result["ok"]
