@@ -14,7 +14,7 @@ from typing import Any
 Location = tuple[str | int, ...]
 
 
-def duplicate_keys(raw: bytes | str) -> list[Location]:
+def duplicate_keys(raw: bytes | bytearray | str) -> list[Location]:
     """The location of every key given twice in the same object (the key last), in document order; [] for a
     document without any, and for one that is not JSON at all (its parser reports that)."""
     found: dict[int, tuple[dict[str, Any], list[str]]] = {}

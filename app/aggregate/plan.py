@@ -3,6 +3,8 @@ is. Raises the request's problems all at once (ValidationFailedError), so a clie
 
 from __future__ import annotations
 
+import re
+import string
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +16,10 @@ from app.errors import NotFoundError, TooManySourcesError, ValidationFailedError
 from app.settings import CompositeConfig, CompositeSource, QueryConfig, Settings
 from app.upstream.client import Outbound
 from app.upstream.paths import UnsafePathError, confine_path, join_url
+
+# What a composite's value may not hold when it goes in a path (app/aggregate/schema.py says the same).
+UNSAFE_IN_PATH = re.compile(r"[/\\\x00-\x1f\x7f]")
+UNSAFE_IN_PATH_PATTERN = r"^[^/\\\x00-\x1f\x7f]*$"
 
 
 @dataclass(frozen=True)
@@ -123,8 +129,13 @@ def plan_composite(settings: Settings, name: str, query: Mapping[str, str]) -> t
             values[key] = coerce(query[key], type_)
         except ValueError as exc:
             problems.add(f"query.{key}", f"parameter '{key}': {exc}", "bad_param")
-    for key in sorted(_path_segment_fields(composite) & set(values)):
-        if _text(values[key]) in ("", ".", ".."):
+    whole = _path_segment_fields(composite)
+    for key in sorted(_path_fields(composite) & set(values)):
+        text = _text(values[key])
+        if UNSAFE_IN_PATH.search(text):
+            msg = f"parameter '{key}' goes in a path: it cannot hold '/', '\\' or control characters"
+            problems.add(f"query.{key}", msg, "bad_param")
+        elif key in whole and text in ("", ".", ".."):
             msg = f"parameter '{key}' fills a path segment: it cannot be empty, '.' or '..'"
             problems.add(f"query.{key}", msg, "bad_param")
     problems.raise_if_any("composite request")
@@ -149,11 +160,15 @@ def _plan_composite_source(
             return None
         try:
             # The operator's template is confined as any path; then each value goes in percent-encoded whole and
-            # is never decoded again, so that it can never add a segment, a '..', a query or a fragment ('a/b'
-            # stays one segment, a%2Fb). Values that would make a segment empty, '.' or '..' were refused above.
+            # is never decoded again, so that it can never add a query or a fragment. Values that could add or
+            # climb a segment (a '/', a '\\', '.' or '..' alone) were refused above; the check below catches
+            # what two values side by side could still make.
             path = confine_path(source.path)
             for key, value in values.items():
                 path = path.replace(f"%7B{key}%7D", quote(_text(value), safe=""))
+            segments = path.split("/")[1:]
+            if any(seg in (".", "..") for seg in segments) or "" in segments[:-1]:
+                raise UnsafePathError("the parameters make an empty, '.' or '..' path segment")
             url = join_url(upstream.base_url, path)
         except (UnsafePathError, UnicodeDecodeError) as exc:
             problems.add(f"{loc}.path", str(exc), "unsafe_path")
@@ -178,8 +193,17 @@ def path_segment_fields(source: CompositeSource) -> set[str]:
     return {seg[1:-1] for seg in segments if seg.startswith("{") and seg.endswith("}") and seg[1:-1].isidentifier()}
 
 
+def path_fields(source: CompositeSource) -> set[str]:
+    """The template fields anywhere in the source's path."""
+    return {name for _, name, _, _ in string.Formatter().parse(source.path or "") if name}
+
+
 def _path_segment_fields(composite: CompositeConfig) -> set[str]:
     return {name for source in composite.sources.values() for name in path_segment_fields(source)}
+
+
+def _path_fields(composite: CompositeConfig) -> set[str]:
+    return {name for source in composite.sources.values() for name in path_fields(source)}
 
 
 def _fill(template: str, values: dict[str, Any]) -> Any:

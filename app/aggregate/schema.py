@@ -11,7 +11,7 @@ import copy
 from typing import Any
 
 from app.aggregate.models import AggregateRequest, AggregateResponse, FlatAggregateResponse
-from app.aggregate.plan import path_segment_fields
+from app.aggregate.plan import UNSAFE_IN_PATH_PATTERN, path_fields, path_segment_fields
 from app.settings import CompositeConfig, ParamType, QueryConfig, Settings, UpstreamConfig
 
 Schema = dict[str, Any]
@@ -122,12 +122,17 @@ def _query_source(generic: Schema, name: str, query: QueryConfig) -> Schema:
     return schema
 
 
-def _text_param(type_: ParamType, *, whole_segment: bool) -> Schema:
+def _text_param(type_: ParamType, *, in_path: bool, whole_segment: bool) -> Schema:
     """A composite's parameter in the query string, as app/db/queries.py's coerce reads text."""
-    if type_ == "str" and whole_segment:
-        # It fills a path segment by itself: app/aggregate/plan.py refuses what would empty or climb it.
-        return {"type": "string", "minLength": 1, "not": {"enum": [".", ".."]}}
-    return json_param(type_) if type_ != "str" else {"type": "string"}
+    if type_ != "str":
+        return json_param(type_)
+    if not in_path:
+        return {"type": "string"}
+    # It goes in a path: app/aggregate/plan.py refuses what could add, empty or climb a segment.
+    schema: Schema = {"type": "string", "pattern": UNSAFE_IN_PATH_PATTERN}
+    if whole_segment:
+        schema.update({"minLength": 1, "not": {"enum": [".", ".."]}})
+    return schema
 
 
 def composite_paths(settings: Settings, generic: Schema) -> dict[str, Schema]:
@@ -144,13 +149,14 @@ def composite_paths(settings: Settings, generic: Schema) -> dict[str, Schema]:
 
 
 def _composite_parameters(composite: CompositeConfig) -> list[Schema]:
-    in_path = {field for source in composite.sources.values() for field in path_segment_fields(source)}
+    whole = {field for source in composite.sources.values() for field in path_segment_fields(source)}
+    in_path = {field for source in composite.sources.values() for field in path_fields(source)}
     return [
         {
             "name": key,
             "in": "query",
             "required": True,
-            "schema": _text_param(type_, whole_segment=key in in_path),
+            "schema": _text_param(type_, in_path=key in in_path, whole_segment=key in whole),
         }
         for key, type_ in composite.params.items()
     ]

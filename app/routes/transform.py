@@ -16,6 +16,7 @@ from starlette.types import Receive, Scope, Send
 
 from app.compute import answers, shm, staging
 from app.compute.pool import Completed, CpuPool
+from app.compute.registry import MAX_RANK
 from app.compute.wire import Job, OutputFormat
 from app.errors import (
     ClientDisconnectedError,
@@ -59,7 +60,17 @@ async def list_transforms(request: Request) -> JSONResponse:
     )
 
 
-# The body is read by hand (streamed, size-checked, decoded in slices), so FastAPI is told its shape here.
+def _rank(rank: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "number"}
+    for _ in range(rank):
+        schema = {"type": "array", "minItems": 1, "items": schema}
+    return schema
+
+
+# The body is read by hand (streamed, size-checked, decoded in slices), so FastAPI is told its shape here: what
+# app/compute/jsonarray.py takes, a number or lists nested to one depth (a transform declares at most 32), never
+# null; params an object when present. JSON Schema cannot say "rectangular", nor what each transform accepts
+# (GET /transform lists ranks, element types and each one's params schema): those refusals are 422s.
 _REQUEST_BODY = {
     "required": True,
     "content": {
@@ -67,8 +78,12 @@ _REQUEST_BODY = {
             "schema": {
                 "type": "object",
                 "required": ["data"],
+                "additionalProperties": False,
                 "properties": {
-                    "data": {"description": "A number, or a rectangular nested list of numbers."},
+                    "data": {
+                        "description": "A number, or a rectangular nested list of numbers.",
+                        "anyOf": [_rank(rank) for rank in range(MAX_RANK + 1)],
+                    },
                     "params": {"type": "object", "description": "The transform's parameters (GET /transform)."},
                 },
             },
