@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
 from app.aggregate.schema import composite_paths
+from app.routes.transform_schema import transform_paths
 from app.security.access import OPEN, AccessRules
 from app.settings import Settings
 
@@ -57,8 +58,8 @@ _SECURITY_SCHEMES = {
     "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
 }
 _FASTAPI_DEFAULTS = ("HTTPValidationError", "ValidationError")
-# A route FastAPI documents once for every composite; the document lists each configured one instead.
-_COMPOSITE_TEMPLATE = "/aggregate/{composite}"
+# Routes FastAPI documents once for every composite, every transform: the document lists each one served instead.
+_EXPANDED = {("/aggregate/{composite}", "get"): composite_paths, ("/transform/{name}", "post"): transform_paths}
 
 
 @runtime_checkable
@@ -116,9 +117,10 @@ def build_openapi(app: FastAPI, rules: AccessRules, settings: Settings) -> dict[
             operations, components = route.openapi(settings)
             paths.setdefault(route.path, {}).update(operations)
             schemas.update(components)
-    template = paths.pop(_COMPOSITE_TEMPLATE, None)
-    if template is not None:
-        paths.update(composite_paths(settings, template["get"]))
+    for (path, method), expand in _EXPANDED.items():
+        template = paths.pop(path, None)
+        if template is not None:
+            paths.update(expand(settings, template[method]))
     _tighten(schemas)
     for name in _FASTAPI_DEFAULTS:
         schemas.pop(name, None)

@@ -10,8 +10,9 @@ import aiohttp
 import orjson
 import pytest
 
+from app.main import create_app
 from tests.compute.helpers import compute_settings, shm_guard
-from tests.support.gateway import RunningGateway, running_gateway
+from tests.support.gateway import RunningGateway, make_settings, running_gateway
 
 pytestmark = pytest.mark.usefixtures("shm_guard")
 __all__ = ["shm_guard"]
@@ -59,12 +60,26 @@ async def test_what_the_document_allows_is_taken(gw: RunningGateway) -> None:
     assert (status, body["result"]) == (200, [1, 2])
 
 
-async def test_the_document_says_data_is_never_null_and_params_an_object(gw: RunningGateway) -> None:
+async def test_the_document_lists_each_transform_with_its_data_and_params(gw: RunningGateway) -> None:
     async with aiohttp.ClientSession() as client, client.get(f"{gw.url}/openapi.json") as resp:
         doc = await resp.json()
-    body = doc["paths"]["/transform/{name}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
-    assert body["properties"]["params"]["type"] == "object"
-    ranks = body["properties"]["data"]["anyOf"]
-    assert ranks[0] == {"type": "number"}
-    assert ranks[1] == {"type": "array", "minItems": 1, "items": {"type": "number"}}
-    assert all("null" not in orjson.dumps(rank).decode() for rank in ranks)
+
+    def body(name: str) -> Any:
+        return doc["paths"][f"/transform/{name}"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+
+    assert "/transform/{name}" not in doc["paths"]
+    assert "/transform/json_digest" not in doc["paths"]  # the gateway's own work, never callable
+    # Never null: a number or lists of numbers, to the ranks each transform takes; params an object.
+    trig_log, stats, primes = body("trig_log"), body("stats"), body("prime_count")
+    assert trig_log["properties"]["data"]["anyOf"][0]["type"] == "number"
+    assert len(trig_log["properties"]["data"]["anyOf"]) == 9  # ranks 0 to 8
+    assert stats["properties"]["data"]["anyOf"][0] == {"type": "array", "minItems": 1, "items": {"type": "number"}}
+    assert stats["properties"]["params"]["properties"]["ddof"]["maximum"] == 1
+    assert stats["properties"]["params"]["type"] == "object"
+    assert primes["properties"]["data"]["anyOf"][1]["items"] == {"type": "integer"}
+    assert all("null" not in orjson.dumps(b["properties"]["data"]).decode() for b in (trig_log, stats, primes))
+
+
+def test_without_transforms_the_document_keeps_the_generic_path() -> None:
+    paths = create_app(make_settings(compute={"enabled": False})).openapi()["paths"]
+    assert [p for p in paths if p.startswith("/transform/")] == ["/transform/{name}"]

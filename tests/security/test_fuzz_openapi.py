@@ -25,14 +25,17 @@ from tests.support.gateway import GatewayProcess
 from tests.support.upstream import UpstreamServer
 
 KEY = new_key("fuzzer", ["aggregate", "transform", "metrics"], rate={"rate_per_s": 100_000, "burst": 100_000})
-EXAMPLES = os.environ.get("GATEWAY_FUZZ_EXAMPLES", "100")
+# Per operation: the document lists each composite and transform as its own, so there are 11 here; 60 each keeps the
+# run near the 700 requests (and the minute) it took with 7 operations at 100.
+EXAMPLES = os.environ.get("GATEWAY_FUZZ_EXAMPLES", "60")
 SEED = os.environ.get("GATEWAY_FUZZ_SEED", "1")
-# schemathesis's CLI with a higher recursion limit. Hypothesis describes filter lambdas by parsing their source
-# file; from the coverage phase's deep stack, parsing schemathesis's own large module can reach the default limit,
-# and CPython 3.11 then raises "SystemError: AST constructor recursion depth mismatch" instead of RecursionError,
-# which ends the run as an internal error. A tool's crash, not a finding about the gateway.
+# schemathesis's CLI, with Hypothesis kept from describing filter lambdas by parsing their source file. From the
+# coverage phase's deep stack, parsing schemathesis's own large module makes CPython 3.11 raise "SystemError: AST
+# constructor recursion depth mismatch" (a higher recursion limit only made it rarer), which ends the run as an
+# internal error: a tool's crash, not a finding about the gateway. The description only names a filter in reprs.
 RUN_SCHEMATHESIS = (
-    "import sys; sys.setrecursionlimit(20_000); from schemathesis.cli import schemathesis; schemathesis()"
+    "import hypothesis.internal.lambda_sources as sources; sources.lambda_description = lambda f: 'lambda: ...'; "
+    "from schemathesis.cli import schemathesis; schemathesis()"
 )
 
 # The one allowance, for one operation: a transform's body can be valid by JSON Schema and still be refused, for
@@ -41,7 +44,7 @@ RUN_SCHEMATHESIS = (
 # ranks, element types and params); everything else about /transform is checked as strictly as the rest.
 TRANSFORM_ALLOWANCE = """
 [[operations]]
-include-path = "/transform/{name}"
+include-path-regex = "^/transform/"
 include-method = "POST"
 checks.positive_data_acceptance.expected-statuses = [
     "2xx", "3xx", "400", "401", "403", "404", "409", "422", "429", "5xx",
