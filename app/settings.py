@@ -141,6 +141,9 @@ class UpstreamConfig(_Section):
     @field_validator("forward_headers")
     @classmethod
     def _lower_headers(cls, value: list[str]) -> list[str]:
+        invalid = [h for h in value if not HEADER_NAME.fullmatch(h)]
+        if invalid:
+            raise ValueError(f"not valid header names: {', '.join(map(repr, invalid))}")
         lowered = [h.lower() for h in value]
         hop = sorted(set(lowered) & _NEVER_FORWARDED)
         if hop:
