@@ -96,7 +96,7 @@ def build_gateway(settings: Settings, *, tracer_provider: TracerProvider | None 
     unruled = rules.unruled(_paths(app.routes))
     if unruled:
         raise ConfigError([f"route {path} has no access rule in app/security/access.py" for path in unruled])
-    install_openapi(app, rules, auth=settings.auth.enabled)
+    install_openapi(app, rules, settings)
     # Around the app, not inside it: one layer holds every cross-cutting rule (app/middleware/front.py has them in
     # order), and serves POST /aggregate without the framework's per-request layers. Before it, in the HTTP
     # protocol, the head's size and time bounds and the global in-flight limit. /transform streams and checks its

@@ -1,16 +1,23 @@
 """The OpenAPI document, made to describe what the gateway really answers: every error is an RFC 9457 problem
 (``application/problem+json``), the refusals that middleware can give anywhere are declared on every operation,
-and the security requirements follow the same access table the auth middleware enforces."""
+the security requirements follow the same access table the auth middleware enforces, and requests are described
+for the configuration served (its upstream, query and composite names, their typed parameters: see
+app/aggregate/schema.py), so that a request valid by the document is one the gateway takes, and the reverse.
+
+Built once, at the first request for it, and cached."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from pydantic import BaseModel, Field
 
+from app.aggregate.schema import composite_paths
+from app.routes.transform_schema import transform_paths
 from app.security.access import OPEN, AccessRules
+from app.settings import Settings
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 
@@ -51,6 +58,18 @@ _SECURITY_SCHEMES = {
     "apiKeyAuth": {"type": "apiKey", "in": "header", "name": "X-API-Key"},
 }
 _FASTAPI_DEFAULTS = ("HTTPValidationError", "ValidationError")
+# Routes FastAPI documents once for every composite, every transform: the document lists each one served instead.
+_EXPANDED = {("/aggregate/{composite}", "get"): composite_paths, ("/transform/{name}", "post"): transform_paths}
+
+
+@runtime_checkable
+class DocumentedRoute(Protocol):
+    """A route FastAPI does not document (a plain Starlette route, such as the lean POST /aggregate) that
+    describes itself: its operations by method, and the component schemas they refer to."""
+
+    path: str
+
+    def openapi(self, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]: ...
 
 
 def _problem_ref() -> dict[str, Any]:
@@ -88,9 +107,20 @@ def _json_schema(response: dict[str, Any]) -> None:
         content["schema"] = {}
 
 
-def build_openapi(app: FastAPI, rules: AccessRules, *, auth: bool) -> dict[str, Any]:
+def build_openapi(app: FastAPI, rules: AccessRules, settings: Settings) -> dict[str, Any]:
+    auth = settings.auth.enabled
     doc = get_openapi(title=app.title, version=app.version, routes=app.routes, description=app.description)
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
+    paths: dict[str, Any] = doc.setdefault("paths", {})
+    for route in app.routes:
+        if isinstance(route, DocumentedRoute):
+            operations, components = route.openapi(settings)
+            paths.setdefault(route.path, {}).update(operations)
+            schemas.update(components)
+    for (path, method), expand in _EXPANDED.items():
+        template = paths.pop(path, None)
+        if template is not None:
+            paths.update(expand(settings, template[method]))
     _tighten(schemas)
     for name in _FASTAPI_DEFAULTS:
         schemas.pop(name, None)
@@ -122,10 +152,10 @@ def build_openapi(app: FastAPI, rules: AccessRules, *, auth: bool) -> dict[str, 
     return doc
 
 
-def install_openapi(app: FastAPI, rules: AccessRules, *, auth: bool) -> None:
+def install_openapi(app: FastAPI, rules: AccessRules, settings: Settings) -> None:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = build_openapi(app, rules, auth=auth)
+            app.openapi_schema = build_openapi(app, rules, settings)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -31,6 +31,7 @@ from pydantic_settings import (
 )
 
 from app.errors import ConfigError
+from app.headers import HEADER_NAME, HEADER_VALUE
 from app.sizing import default_cpu_workers, default_io_threads
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
@@ -79,8 +80,6 @@ class BreakerPolicy(_Section):
     half_open_probes: int = Field(1, ge=1, le=100)
 
 
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an RFC 9110 token (fullmatch)
-_HEADER_VALUE = re.compile(r"[\t\x20-\x7e\x80-\xff]*")  # no CR, LF, NUL or other controls (fullmatch)
 # Besides those never forwarded: set by the gateway on the calls that need it.
 _GATEWAY_SET = frozenset({"content-type"})
 
@@ -142,6 +141,9 @@ class UpstreamConfig(_Section):
     @field_validator("forward_headers")
     @classmethod
     def _lower_headers(cls, value: list[str]) -> list[str]:
+        invalid = [h for h in value if not HEADER_NAME.fullmatch(h)]
+        if invalid:
+            raise ValueError(f"not valid header names: {', '.join(map(repr, invalid))}")
         lowered = [h.lower() for h in value]
         hop = sorted(set(lowered) & _NEVER_FORWARDED)
         if hop:
@@ -155,14 +157,14 @@ class UpstreamConfig(_Section):
         # environment, whose keys arrive lower-case) is refused instead of sent twice.
         lowered: dict[str, SecretStr] = {}
         for name, secret in value.items():
-            if not _HEADER_NAME.fullmatch(name):
+            if not HEADER_NAME.fullmatch(name):
                 raise ValueError(f"{name!r} is not a valid header name")
             key = name.lower()
             if key in _NEVER_FORWARDED or key in _GATEWAY_SET:
                 raise ValueError(f"the gateway sets {name} itself")
             if key in lowered:
                 raise ValueError(f"{key} is given twice (header names are case-insensitive)")
-            if not _HEADER_VALUE.fullmatch(secret.get_secret_value()):
+            if not HEADER_VALUE.fullmatch(secret.get_secret_value()):
                 raise ValueError(f"the value of {name} holds a control character (a trailing newline?)")
             lowered[key] = secret
         return lowered

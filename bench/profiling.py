@@ -23,7 +23,7 @@ from typing import Any
 BREAKDOWN = {
     "request_handling": "Starlette.__call__ (starlette/applications.py)",  # middleware, routing, body, endpoint
     "endpoint": "_aggregate (app/routes/aggregate.py)",  # the handler itself (planning, waiting, answer)
-    "sources": "Aggregator._one (app/aggregate/service.py)",  # each source's task: limits, deadline, retries, call
+    "sources": "Aggregator._one (app/aggregate/execute.py)",  # each source's task: limits, deadline, retries, call
     "http_client": "call_once (app/upstream/call.py)",  # aiohttp: one request and its body
 }
 # The event loop's thread is the main thread of `python -m app`: its stacks start here.

@@ -10,17 +10,19 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 # it needs.
 from typing_extensions import TypedDict
 
+from app.headers import HEADER_NAME_PATTERN, HEADER_VALUE_PATTERN
+
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
 Scalar = Annotated[str, Field(max_length=4096)] | int | float | bool
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
-# An RFC 9110 token, and a value without CR, LF, NUL or other controls: anything else would break the request line
-# the gateway writes upstream (the HTTP client refuses it, too late to be the client's 422).
-HeaderName = Annotated[str, Field(max_length=256, pattern=r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")]
-HeaderValue = Annotated[str, Field(max_length=8192, pattern=r"^[\t\x20-\x7e\x80-\uffff]*$")]
+HeaderName = Annotated[str, Field(max_length=256, pattern=HEADER_NAME_PATTERN)]
+HeaderValue = Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]
 
 
+# Strict: JSON gives each value its type, and the gateway takes it as given (no "5" for 5), so that what the
+# document says (app/openapi.py) and what is accepted are the same thing. Strict JSON still takes 5 for a float.
 class UpstreamSourceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     upstream: Name
     path: str = Field(min_length=1, max_length=2048)
@@ -42,7 +44,7 @@ class UpstreamSourceSpec(BaseModel):
 
 
 class QuerySourceSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     query: Name
     params: dict[Annotated[str, Field(max_length=256)], Scalar | None] = Field(default_factory=dict, max_length=64)
@@ -75,6 +77,7 @@ SourceSpec = Annotated[
 class AggregateRequest(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={
             "examples": [
                 {

@@ -39,6 +39,7 @@ from app.errors import (
     UnsupportedRankError,
     ValidationFailedError,
 )
+from app.jsonkeys import duplicate_keys
 
 T = TypeVar("T")
 Buffer = bytes | bytearray | mmap.mmap  # the body; slicing it gives bytes, indexing an int
@@ -185,7 +186,7 @@ def parse_request(buf: Buffer, *, max_rank: int) -> Steps[JsonRequest]:
         raise MalformedInputError('the body must be a JSON object: {"data": ..., "params": {...}}')
     pos = _ws(buf, pos + 1)
     layout: DataLayout | None = None
-    params: Any = None
+    params: Any = {}  # absent: none; present, it must be an object (null is not one, as the document says)
     seen: set[str] = set()
     unknown: list[str] = []
     envelope = 0
@@ -200,7 +201,8 @@ def parse_request(buf: Buffer, *, max_rank: int) -> Steps[JsonRequest]:
             key = _loads(key_match.group(), "a field name")
             pos = _ws(buf, _expect(buf, _ws(buf, key_match.end()), b":", "':'"))
             if key in seen:
-                raise MalformedInputError(f"the field {key!r} appears twice")
+                msg = f"the key {key!r} is given twice"
+                raise ValidationFailedError(msg, errors=[{"loc": key, "msg": msg, "type": "duplicate_key"}])
             seen.add(key)
             if key == "data":
                 layout = yield from _scan_data(buf, pos, max_rank)
@@ -213,6 +215,14 @@ def parse_request(buf: Buffer, *, max_rank: int) -> Steps[JsonRequest]:
                 value = _loads(buf[pos:end], f"the field {key!r}")
                 if key == "params":
                     params = value
+                    # orjson kept the last of duplicate keys; the envelope is small, so the exact check is cheap.
+                    twice = duplicate_keys(buf[pos:end])
+                    if twice:
+                        errors = [
+                            {"loc": ".".join(map(str, ("params", *loc))), "msg": "given twice", "type": "duplicate_key"}
+                            for loc in twice
+                        ]
+                        raise InvalidParamsError("a key in 'params' is given twice", errors=errors)
                 else:
                     unknown.append(key)
                 pos = end
@@ -230,8 +240,6 @@ def parse_request(buf: Buffer, *, max_rank: int) -> Steps[JsonRequest]:
         )
     if layout is None:
         raise ValidationFailedError("the field 'data' is required")
-    if params is None:
-        params = {}
     if not isinstance(params, dict):
         raise InvalidParamsError("'params' must be a JSON object")
     return JsonRequest(layout, params)

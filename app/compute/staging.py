@@ -142,9 +142,10 @@ async def read_body(stream: AsyncIterator[bytes], limit: int, *, content_length:
     return body
 
 
-def validate_params(spec: TransformSpec, raw: dict[str, Any]) -> BaseModel:
+def validate_params(spec: TransformSpec, raw: dict[str, Any], *, strict: bool = False) -> BaseModel:
+    """``strict``: params from a JSON body, taken as JSON typed them; a query string's are text to convert."""
     try:
-        return spec.params.model_validate(raw)
+        return spec.params.model_validate(raw, strict=strict)
     except ValidationError as exc:
         errors = [
             {"loc": ".".join(str(p) for p in e["loc"]) or "params", "msg": e["msg"], "type": e["type"]}
@@ -252,7 +253,7 @@ async def stage_json(
         request = await jsonarray.run_sliced(jsonarray.parse_request(body, max_rank=spec.max_rank))
         layout = request.data
         check_layout(spec, layout.shape, layout.dtype, settings)
-        params = validate_params(spec, request.params)
+        params = validate_params(spec, request.params, strict=True)
         staged = await allocate(layout.shape, layout.dtype, False, settings, stager)
         try:
             flat = staged.array().reshape(-1)

@@ -112,9 +112,17 @@ class Database:
                 pool.putconn(conn, close=not self._settings.min_connections)
 
     async def fetch(
-        self, sql: str, params: Mapping[str, Any], *, timeout_ms: float, max_rows: int, name: str = "adhoc"
+        self,
+        sql: str,
+        params: Mapping[str, Any],
+        *,
+        timeout_ms: float,
+        max_rows: int,
+        name: str = "adhoc",
+        on_sent: Callable[[], None] | None = None,
     ) -> QueryResult:
-        """Run one parameterised query in the DB executor.
+        """Run one parameterised query in the DB executor. ``on_sent`` is called (in the executor's thread) each
+        time the query goes to the server; a query dropped from the queue or refused never calls it.
 
         Raises SourceOverloadedError when the executor queue is full, DatabaseUnavailableError when no connection
         can be had, QueryTimeoutError when statement_timeout cancels it, DatabaseError for any other failure.
@@ -128,7 +136,7 @@ class Database:
         outcome = "ok"
         try:
             try:
-                future = self._executor.submit(lambda: self._fetch(job, sql, params, timeout_ms, max_rows))
+                future = self._executor.submit(lambda: self._fetch(job, sql, params, timeout_ms, max_rows, on_sent))
             except ExecutorFullError as exc:
                 raise SourceOverloadedError("database executor queue is full") from exc
             try:
@@ -158,7 +166,15 @@ class Database:
         except (ExecutorFullError, ResourceClosedError):
             log.warning("query cancel skipped: canceller busy; statement_timeout will end the query")
 
-    def _fetch(self, job: _Job, sql: str, params: Mapping[str, Any], timeout_ms: float, max_rows: int) -> QueryResult:
+    def _fetch(
+        self,
+        job: _Job,
+        sql: str,
+        params: Mapping[str, Any],
+        timeout_ms: float,
+        max_rows: int,
+        on_sent: Callable[[], None] | None,
+    ) -> QueryResult:
         started = time.perf_counter()
         # A connection that died while idle in the pool (server restart) fails on first use; an idempotent read
         # is retried once on a fresh connection.
@@ -175,6 +191,8 @@ class Database:
             try:
                 with conn.cursor() as cur:
                     cur.execute("SET LOCAL statement_timeout = %s", (max(1, int(timeout_ms)),))
+                    if on_sent is not None:
+                        on_sent()
                     cur.execute(sql, params)
                     rows = _rows(cur, max_rows + 1) if cur.description is not None else []
                 conn.commit()

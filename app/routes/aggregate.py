@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Awaitable, Mapping
-from typing import Annotated, TypeVar
+from collections.abc import Mapping
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -13,28 +12,28 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import Match, Route
 from starlette.types import Receive, Scope, Send
 
-from app.aggregate.models import AggregateRequest, AggregateResponse, FlatAggregateResponse, SourceResult
-from app.aggregate.service import Aggregator, Plan, effective_deadline_s, merge_flat, plan_composite, plan_request
+from app.aggregate import schema
+from app.aggregate.execute import Aggregator
+from app.aggregate.models import (
+    AggregateRequest,
+    AggregateResponse,
+    FlatAggregateResponse,
+    SourceResult,
+    UpstreamSourceSpec,
+)
+from app.aggregate.plan import Plan, effective_deadline_s, plan_composite, plan_request
+from app.aggregate.results import merge_flat
 from app.errors import ClientDisconnectedError, ValidationFailedError
+from app.jsonkeys import duplicate_keys
 from app.middleware.request_id import request_id_of
 from app.observability.http import add_log_fields
 from app.responses import JSONResponse
+from app.routes.disconnect import until_disconnected
 from app.security.policy import authorize_composite, authorize_sources, principal_of
+from app.settings import Settings
 from app.state import GatewayState, get_state
 
 router = APIRouter(tags=["aggregate"])
-
-T = TypeVar("T")
-
-
-@router.post(
-    "/aggregate",
-    response_model=None,
-    responses={200: {"model": AggregateResponse, "description": "One result per source, whatever its outcome"}},
-)
-async def aggregate(body: AggregateRequest, request: Request) -> JSONResponse:
-    """Run the sources named in the body. 200 for a valid request, whatever each source's outcome."""
-    return await _aggregate(request, body)
 
 
 class LeanAggregate:
@@ -42,8 +41,9 @@ class LeanAggregate:
 
     The hottest route skips FastAPI's per-request machinery (route matching through the included routers,
     dependency solving, the body read, decoded by the standard library and then validated as Python objects):
-    the body is validated by pydantic straight from its bytes, in one pass. The declared route above stays for the
-    OpenAPI document and answers the same; errors go through the same exception handlers (app/problems.py).
+    the body is validated by pydantic straight from its bytes, in one pass. It is the only route for the endpoint;
+    its OpenAPI operation is made from the same models (``_LeanRoute.openapi``, app/aggregate/schema.py) and its
+    errors go through the same exception handlers as every route's (app/problems.py).
     """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -73,6 +73,28 @@ class _LeanRoute(Route):
             child_scope["route"] = self  # as FastAPI's routes do: metrics, logs and spans are labelled by it
         return match, child_scope
 
+    def openapi(self, settings: Settings) -> tuple[dict[str, Any], dict[str, Any]]:
+        """This route's operations by method, and the component schemas they refer to (app/openapi.py)."""
+        components = {**schema.request_components(settings), **schema.response_components()}
+        operation = {
+            "tags": ["aggregate"],
+            "summary": "Aggregate",
+            "description": "Run the sources named in the body. 200 for a valid request, whatever their outcomes.",
+            "operationId": "aggregate",
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": schema.REF.format(model="AggregateRequest")}}},
+            },
+            "responses": {
+                "200": {
+                    "description": "One result per source, whatever its outcome",
+                    "content": {"application/json": {"schema": {"$ref": schema.REF.format(model="AggregateResponse")}}},
+                },
+                "422": {"description": "Request validation failed"},
+            },
+        }
+        return {"post": operation}, components
+
 
 def lean_route() -> Route:
     """POST /aggregate served by LeanAggregate; to be placed before the routers FastAPI builds."""
@@ -89,10 +111,50 @@ def parse_body(content_type: str | None, raw: bytes) -> AggregateRequest:
         raise RequestValidationError([{"type": "missing", "loc": ("body",), "msg": "Field required"}])
     raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark, which RFC 8259 lets a parser ignore
     try:
-        return AggregateRequest.model_validate_json(raw)
+        body = AggregateRequest.model_validate_json(raw)
     except ValidationError as exc:
         errors = exc.errors(include_url=False, include_input=False)
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in errors]) from None
+    # The parser kept the last of duplicate keys. Every key is followed by a colon, so when the body holds no more
+    # colons than the parsed request has keys, no key came twice (about 1 µs on a typical body); only a body with
+    # colons inside strings, or a duplicate, pays for the exact check (app/jsonkeys.py, about 5 µs).
+    if raw.count(b":") != _keys(body):
+        duplicates = duplicate_keys(raw)
+        if duplicates:
+            raise RequestValidationError(
+                [
+                    {"type": "duplicate_key", "loc": ("body", *loc), "msg": f"the key {loc[-1]!r} is given twice"}
+                    for loc in duplicates
+                ]
+            )
+    return body
+
+
+def _keys(body: AggregateRequest) -> int:
+    """How many keys the body's JSON held, were none given twice: one per field given (extra fields are refused),
+    one per entry of each mapping, and those of the upstream body (``json``). A duplicate adds a key (and its colon)
+    that the parsed request no longer shows."""
+    count = len(body.model_fields_set) + len(body.sources)
+    for spec in body.sources.values():
+        count += len(spec.model_fields_set) + len(spec.params)
+        if isinstance(spec, UpstreamSourceSpec):
+            count += len(spec.headers)
+            if spec.body is not None:
+                count += _json_keys(spec.body)
+    return count
+
+
+def _json_keys(value: Any) -> int:
+    count = 0
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            count += len(item)
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return count
 
 
 async def _aggregate(request: Request, body: AggregateRequest) -> JSONResponse:
@@ -155,7 +217,8 @@ async def _run(
         state.require_upstreams(), state.db, state.cpu, tracing=state.tracing, scope=request.scope, split_keys=flat
     )
     headers = {"X-Request-ID": request_id_of(request.scope)}
-    results = await until_disconnected(request, aggregator.run(plans, deadline_s, headers=headers))
+    work = aggregator.run(plans, deadline_s, headers=headers)
+    results = await until_disconnected(request.receive, work, what="the aggregate finished")
     add_log_fields(
         request.scope,
         sources={
@@ -168,44 +231,3 @@ async def _run(
         },
     )
     return results
-
-
-async def until_disconnected(request: Request, work: Awaitable[T]) -> T:
-    """Await ``work`` unless the client goes away first; then cancel it (its upstream calls close their
-    connections, its queries are cancelled on the server) and raise ClientDisconnectedError.
-
-    FastAPI does not cancel a handler whose client disconnected; the body is already read here, so the next
-    ASGI receive() returns only when the client disconnects. The work runs in this task (no task per request for
-    it); one watcher task waits for the disconnect and cancels this task when it comes.
-    """
-    current = asyncio.current_task()
-    assert current is not None
-    disconnected = False
-
-    async def watch() -> None:
-        nonlocal disconnected
-        await _wait_for_disconnect(request)
-        disconnected = True
-        current.cancel()
-
-    watcher = asyncio.create_task(watch(), name="disconnect-watcher")
-    try:
-        return await work
-    except asyncio.CancelledError:
-        # Cancelled by the watcher, and by nothing else (the server's own cancellation, a drain timeout, stays
-        # a cancellation): that cancellation is spent here and becomes the disconnect.
-        if disconnected and current.uncancel() == 0:
-            raise ClientDisconnectedError("the client disconnected before the aggregate finished") from None
-        raise
-    finally:
-        if not watcher.done():
-            watcher.cancel()
-            # Wait for it to finish cancelling, so no task outlives the request.
-            await asyncio.wait({watcher})
-
-
-async def _wait_for_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return

@@ -7,8 +7,6 @@ answer is streamed to the client from the segment the worker wrote it into, or s
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import APIRouter, Path, Request
@@ -19,6 +17,7 @@ from starlette.types import Receive, Scope, Send
 from app.compute import answers, staging
 from app.compute.pool import Completed, CpuPool
 from app.errors import (
+    ClientDisconnectedError,
     InvalidParamsError,
     MalformedInputError,
     NotFoundError,
@@ -27,9 +26,11 @@ from app.errors import (
     UnsupportedMediaTypeError,
 )
 from app.responses import JSONResponse
+from app.routes.disconnect import until_disconnected
 from app.settings import ComputeSettings
 from app.state import get_state
 from app.worker import shm
+from app.worker.spec import MAX_RANK
 from app.worker.wire import Job, OutputFormat
 
 router = APIRouter(tags=["transform"])
@@ -37,7 +38,6 @@ router = APIRouter(tags=["transform"])
 T = TypeVar("T")
 
 STREAM_CHUNK = 1024 * 1024
-CLIENT_CLOSED = 499  # the client went away before its answer (nginx's convention); nobody reads this
 
 
 @router.get("/transform")
@@ -61,7 +61,17 @@ async def list_transforms(request: Request) -> JSONResponse:
     )
 
 
-# The body is read by hand (streamed, size-checked, decoded in slices), so FastAPI is told its shape here.
+def _rank(rank: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "number"}
+    for _ in range(rank):
+        schema = {"type": "array", "minItems": 1, "items": schema}
+    return schema
+
+
+# The body is read by hand (streamed, size-checked, decoded in slices), so FastAPI is told its shape here: what
+# app/compute/jsonarray.py takes, a number or lists nested to one depth (a transform declares at most 32), never
+# null; params an object when present. JSON Schema cannot say "rectangular", nor what each transform accepts
+# (GET /transform lists ranks, element types and each one's params schema): those refusals are 422s.
 _REQUEST_BODY = {
     "required": True,
     "content": {
@@ -69,8 +79,12 @@ _REQUEST_BODY = {
             "schema": {
                 "type": "object",
                 "required": ["data"],
+                "additionalProperties": False,
                 "properties": {
-                    "data": {"description": "A number, or a rectangular nested list of numbers."},
+                    "data": {
+                        "description": "A number, or a rectangular nested list of numbers.",
+                        "anyOf": [_rank(rank) for rank in range(MAX_RANK + 1)],
+                    },
                     "params": {"type": "object", "description": "The transform's parameters (GET /transform)."},
                 },
             },
@@ -132,7 +146,7 @@ async def transform(
                     params = query_params
                     staged = await staging.stage_npy(stream, spec, params, settings, pool, content_length=length)
         except ClientDisconnect:
-            return Response(status_code=CLIENT_CLOSED)
+            raise ClientDisconnectedError("the client disconnected while sending the body") from None
         except TimeoutError as exc:
             raise RequestTimeoutError(f"the body did not arrive within {settings.body_timeout_s:g} s") from exc
         output: shm.Segment | None = None
@@ -151,7 +165,7 @@ async def transform(
             )
             # Awaiting the job holds an input segment and maybe an output one: both are unlinked in the
             # finally below on every path, and the pool itself kills the worker if this await is cancelled.
-            completed = await _unless_disconnected(pool.run(job, admission), request.receive)
+            completed = await until_disconnected(request.receive, pool.run(job, admission), what="the job finished")
         except BaseException:
             if output is not None:
                 output.unlink()
@@ -161,10 +175,6 @@ async def transform(
             staging.discard(staged, pool)
             if output is not None:
                 output.unlink()  # the name goes now; the mapping stays for the answer below
-    if completed is None:
-        if output is not None:
-            pool.dispose(close=[output])
-        return Response(status_code=CLIENT_CLOSED)
     return _answer(completed, output, pool)
 
 
@@ -190,32 +200,6 @@ def _content_length(request: Request, settings: ComputeSettings) -> int | None:
     if length > settings.max_body_bytes:
         raise PayloadTooLargeError(f"the body is {length} bytes; transforms take at most {settings.max_body_bytes}")
     return length
-
-
-async def _unless_disconnected(work: Awaitable[T], receive: Receive) -> T | None:
-    """Await ``work``, or cancel it and return None as soon as the client disconnects."""
-    job = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnect(receive))
-    try:
-        await asyncio.wait({job, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        # Whichever way we leave (done, disconnected, or cancelled ourselves), neither task outlives this call.
-        for task in (job, watcher):
-            if not task.done():
-                task.cancel()
-        for task in (job, watcher):
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.wait({task})
-    if job.cancelled():
-        return None
-    return job.result()
-
-
-async def _disconnect(receive: Receive) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return
 
 
 def _answer(completed: Completed, output: shm.Segment | None, pool: CpuPool) -> Response:

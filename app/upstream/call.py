@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -54,7 +55,7 @@ async def call_once(
     UpstreamStatusError for 5xx and 429 (callers decide whether to retry); every other status is a Reply.
     """
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
-    data = None if body is None else orjson.dumps(body)
+    data = None if body is None else _encode(body)
     send_headers = dict(headers)
     if data is not None:
         send_headers["Content-Type"] = "application/json"
@@ -85,6 +86,14 @@ async def call_once(
         err.retry_after = reply_headers.get("retry-after")
         raise err
     return Reply(status=status, body=raw, headers=reply_headers)
+
+
+def _encode(body: Any) -> bytes:
+    try:
+        return orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        # An integer beyond 64 bits, which JSON allows and orjson refuses to write: the standard library writes it.
+        return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def _connect_reason(exc: BaseException) -> str:

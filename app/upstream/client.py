@@ -59,7 +59,10 @@ class Upstream:
 
 @dataclass
 class Progress:
-    """Filled in as a call proceeds, so a caller cancelled by its deadline can still report the attempts."""
+    """Filled in as a call proceeds, so a caller cancelled by its deadline can still report the attempts.
+
+    ``attempts`` counts requests actually sent: one refused by the open breaker, or whose deadline passed while it
+    waited for a slot, sent nothing and counts for nothing."""
 
     attempts: int = 0
 
@@ -127,44 +130,45 @@ class UpstreamClient:
     ) -> Result:
         """Call upstream ``name`` until success, a non-transient failure, the deadline, or the retry budget.
 
-        Raises a SourceError leaf (its ``attempts`` set): CircuitOpenError, DeadlineExceededError,
-        UpstreamTimeoutError, UpstreamConnectError, UpstreamStatusError, ResponseTooLargeError, BadResponseError.
+        Raises a SourceError leaf (its ``attempts`` set to the requests actually sent, 0 when none was):
+        CircuitOpenError, DeadlineExceededError, UpstreamTimeoutError, UpstreamConnectError, UpstreamStatusError,
+        ResponseTooLargeError, BadResponseError.
         """
         up = self.upstreams[name]
         loop = asyncio.get_running_loop()
         policy = up.config.retry
         retryable_method = out.method in IDEMPOTENT_METHODS
         up.budget.record_call()
-        attempt = 0
+        attempt = 0  # tries, sent or not: the retry policy's count
         while True:
             attempt += 1
-            progress.attempts = attempt
             try:
-                reply = await self._attempt(up, out, deadline, headers)
+                reply = await self._attempt(up, out, deadline, headers, progress)
                 if reply.status >= 300:
                     raise UpstreamStatusError(f"{name} answered {reply.status}", status=reply.status)
-                return Result(status=reply.status, body=reply.body, headers=reply.headers, attempts=attempt)
+                return Result(status=reply.status, body=reply.body, headers=reply.headers, attempts=progress.attempts)
             except SourceError as err:
-                err.attempts = attempt
                 if not (retryable_method and is_transient(err)) or attempt >= policy.attempts:
-                    _note_attempts(err, attempt)
+                    _note_attempts(err, progress.attempts)
                     raise
                 retry_after = parse_retry_after(err.retry_after) if isinstance(err, UpstreamStatusError) else None
                 delay = max(backoff_s(policy, attempt, self._rng), retry_after or 0.0)
                 if loop.time() + delay + MIN_ATTEMPT_S >= deadline:
-                    _note_attempts(err, attempt)
+                    _note_attempts(err, progress.attempts)
                     raise
                 if not up.budget.try_spend():
                     if self._observer is not None:
                         self._observer.budget_exhausted(name)
                     err.message += " (retry budget exhausted)"
-                    _note_attempts(err, attempt)
+                    _note_attempts(err, progress.attempts)
                     raise
             if self._observer is not None:
                 self._observer.retry(name)
             await asyncio.sleep(delay)
 
-    async def _attempt(self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str]) -> Reply:
+    async def _attempt(
+        self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str], progress: Progress
+    ) -> Reply:
         if not up.breaker.try_acquire():
             # Counted apart from attempts (nothing was sent): an outage is mostly refusals once the breaker opens.
             if self._observer is not None:
@@ -173,7 +177,7 @@ class UpstreamClient:
                 f"{up.name} circuit is open; next probe in {up.breaker.retry_after_s() * 1000:.0f} ms"
             )
         try:
-            reply = await self._send(up, out, deadline, headers)
+            reply = await self._send(up, out, deadline, headers, progress)
         except DeadlineExceededError:
             # The client's deadline, not the upstream, cut this attempt short: not the breaker's business.
             up.breaker.release_probe()
@@ -191,7 +195,9 @@ class UpstreamClient:
         up.breaker.record_success()
         return reply
 
-    async def _send(self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str]) -> Reply:
+    async def _send(
+        self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str], progress: Progress
+    ) -> Reply:
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
         # Per-upstream slot first, then a global one: a saturated upstream never holds global slots while it
@@ -209,6 +215,7 @@ class UpstreamClient:
             send_headers = {**out.headers, **headers, **up.headers}
             send_headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
             up.in_flight += 1
+            progress.attempts += 1  # from here on the request is on its way (or failing to connect, which counts)
             try:
                 reply = await call_once(
                     self._http.session,
@@ -252,7 +259,7 @@ def _is_upstream_fault(err: SourceError) -> bool:
 
 
 def _note_attempts(err: SourceError, attempts: int) -> None:
-    err.attempts = attempts
+    err.attempts = attempts  # the requests sent: 0 when the breaker or the deadline stopped the first one
     if attempts > 1 and "attempts" not in err.message:
         err.message = f"{err.message} after {attempts} attempts"
 

@@ -32,6 +32,7 @@ NUMERIC_DTYPES = (
     "uint8",
 )
 INTEGER_DTYPES = tuple(d for d in NUMERIC_DTYPES if "int" in d)
+MAX_RANK = 32  # what any transform may declare
 
 Shape = tuple[int, ...]
 TransformFn = Callable[[npt.NDArray[Any], Any], Any]
@@ -89,8 +90,8 @@ class TransformSpec:
             raise TransformDefinitionError(f"transform {self.name}: func is not callable")
         if not (isinstance(self.params, type) and issubclass(self.params, BaseModel)):
             raise TransformDefinitionError(f"transform {self.name}: params must be a pydantic model class")
-        if not 0 <= self.min_rank <= self.max_rank <= 32:
-            raise TransformDefinitionError(f"transform {self.name}: ranks must satisfy 0 <= min <= max <= 32")
+        if not 0 <= self.min_rank <= self.max_rank <= MAX_RANK:
+            raise TransformDefinitionError(f"transform {self.name}: ranks must satisfy 0 <= min <= max <= {MAX_RANK}")
         for name in self.dtypes:
             if name not in NUMERIC_DTYPES and name != "bool":
                 raise TransformDefinitionError(f"transform {self.name}: unsupported dtype {name!r}")

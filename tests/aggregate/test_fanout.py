@@ -93,8 +93,21 @@ async def test_a_deadline_that_passes_before_the_sources_start_fails_each_of_the
     assert (status, headers["X-Aggregate-Complete"]) == (200, "false")
     assert list(body["results"]) == list(sources)
     assert {r["error"]["type"] for r in body["results"].values()} == {"deadline"}
-    assert all(r["attempts"] == 1 and r["data"] is None for r in body["results"].values())
+    assert all(r["attempts"] == 0 and r["data"] is None for r in body["results"].values()), "nothing was sent"
     assert (later_status, later["complete"]) == (200, True), "the breaker was not blamed for the client's deadline"
+
+
+async def test_a_deadline_that_passes_while_waiting_for_a_slot_counts_no_attempt(upstream: UpstreamServer) -> None:
+    upstream.set("/hold", Behavior(latency=1.0))
+    upstream.set("/queued", Behavior())
+    settings = make_settings(upstreams={"a": upstream_cfg(upstream.url, max_concurrency=1, retry={"attempts": 1})})
+    sources = {"hold": {"upstream": "a", "path": "/hold"}, "queued": {"upstream": "a", "path": "/queued"}}
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        _, body, _ = await post_aggregate(client, gw.url, sources, deadline_ms=300)
+    hold, queued = body["results"]["hold"], body["results"]["queued"]
+    assert (hold["error"]["type"], hold["attempts"]) == ("deadline", 1)
+    assert (queued["error"]["type"], queued["attempts"]) == ("deadline", 0)
+    assert upstream.count("/queued") == 0
 
 
 async def test_deadline_is_capped_and_passed_on(upstream: UpstreamServer) -> None:

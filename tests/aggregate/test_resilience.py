@@ -130,6 +130,7 @@ async def test_breaker_opens_fails_fast_half_opens_and_closes(upstream: Upstream
         _, body, _ = await post_aggregate(client, gw.url, source)
         assert time.perf_counter() - started < 0.1
         assert body["results"]["s"]["error"]["type"] == "circuit_open"
+        assert body["results"]["s"]["attempts"] == 0
         assert upstream.count("/svc") == 3  # nothing was sent while open
 
         # After open_ms the breaker lets one probe through; it fails, so the breaker opens again.
@@ -170,6 +171,6 @@ async def test_half_open_admits_a_bounded_number_of_probes(upstream: UpstreamSer
         upstream.reset_stats()
         sources = {f"s{i}": {"upstream": "a", "path": "/svc"} for i in range(5)}
         _, body, _ = await post_aggregate(client, gw.url, sources)
-    kinds = sorted("ok" if r["ok"] else r["error"]["type"] for r in body["results"].values())
-    assert kinds == ["circuit_open"] * 3 + ["ok"] * 2
+    kinds = sorted(("ok" if r["ok"] else r["error"]["type"], r["attempts"]) for r in body["results"].values())
+    assert kinds == [("circuit_open", 0)] * 3 + [("ok", 1)] * 2
     assert upstream.count("/svc") == 2

@@ -36,7 +36,7 @@ async def aggregate(client: aiohttp.ClientSession, url: str, sources: dict[str, 
 
 async def test_query_returns_typed_rows(pg_dsn: str) -> None:
     async with running_gateway(db_settings(pg_dsn)) as gw, aiohttp.ClientSession() as client:
-        status, body = await aggregate(client, gw.url, {"o": {"query": "orders_of", "params": {"user_id": "3"}}})
+        status, body = await aggregate(client, gw.url, {"o": {"query": "orders_of", "params": {"user_id": 3}}})
     assert status == 200, body
     result = body["results"]["o"]
     assert result["ok"]
@@ -89,6 +89,9 @@ async def test_full_executor_fails_fast_as_overloaded(pg_dsn: str) -> None:
     kinds = sorted((r["error"] or {}).get("type", "ok") for r in body["results"].values())
     assert kinds == ["ok", "ok", "overloaded", "overloaded"], body
     assert elapsed < 1.6
+    # A query refused by the full queue never reached the server: no attempt.
+    attempts = sorted((r["ok"], r["attempts"]) for r in body["results"].values())
+    assert attempts == [(False, 0), (False, 0), (True, 1), (True, 1)]
 
 
 @pytest.mark.parametrize("params", [{"user_id": "1; DROP TABLE orders"}, {"user_id": 1, "extra": 2}, {}])
