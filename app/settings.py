@@ -412,12 +412,15 @@ class CorsSettings(_Section):
 
 
 class TracingSettings(_Section):
-    enabled: bool = Field(False, description="OpenTelemetry spans (needs the `otel` extra).")
+    # Each key left unset here (file and GATEWAY_*) takes the standard OTEL_* variable's value (otel_env.py).
+    enabled: bool = Field(False, description="OpenTelemetry spans; on by default when an OTLP endpoint is set.")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces"
     )
     service_name: str = "gateway"
     sample_ratio: float = Field(1.0, ge=0, le=1)
+    parent_based: bool = Field(True, description="Follow the caller's sampling decision when it sent one.")
+    resource_attributes: dict[str, str] = Field(default_factory=dict, description="On every span's resource.")
 
 
 class ObservabilitySettings(_Section):
@@ -610,7 +613,12 @@ def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings
             raise ConfigError([f"{what}: not valid JSON (a list or table must be JSON)"]) from exc
         data = _deep_merge(_lower_header_names(data), _lower_header_names(env))
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
         env_vars = _gateway_variables(os.environ) if environ else None
         raise ConfigError([_format_error(dict(e), env_vars) for e in exc.errors()]) from exc
+    if environ:
+        from app.observability.otel_env import with_otel_environment
+
+        settings = with_otel_environment(settings, os.environ)
+    return settings

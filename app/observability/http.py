@@ -14,6 +14,8 @@ from typing import Any
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.middleware.request_id import request_id_of
+from app.observability.logging import request_trace
+from app.observability.tracing import log_ids
 
 log = logging.getLogger("app.access")
 
@@ -53,8 +55,11 @@ class HttpMetricsMiddleware:
 
         tracing = gateway.tracing if gateway is not None else None
         span_cm = tracing.request_span(scope, scope["method"]) if tracing is not None else contextlib.nullcontext()
+        token = None
         try:
             with span_cm as span:
+                # Until the access line below is written: every log line of this request carries the trace.
+                token = request_trace.set(log_ids(scope, span))
                 try:
                     await self.app(scope, receive, send_tracking)
                 finally:
@@ -80,3 +85,5 @@ class HttpMetricsMiddleware:
                     **scope.get("state", {}).get(SUMMARY_KEY, {}),
                 }
                 log.info("%s %s %d %.1f ms", scope["method"], route, status, elapsed * 1000, extra=extra)
+            if token is not None:
+                request_trace.reset(token)

@@ -268,6 +268,13 @@ def test_image_entrypoint_runs_gateway_serve() -> None:
     assert compose_args.config == Path("/etc/gateway/gateway.toml")
 
 
+def test_image_can_export_traces_and_serve_its_docs() -> None:
+    # What the image installs is the runtime lock (test above): the exporter and the docs assets must be in it.
+    lock = (DOCKERFILE.parent / "requirements/runtime.txt").read_text()
+    pinned = {line.split("==")[0] for line in lock.splitlines() if "==" in line and not line.startswith(" ")}
+    assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "fastapi-offline"} <= pinned
+
+
 def test_image_runs_as_the_user_kubernetes_expects(k8s: Rendered) -> None:
     user = final_stage()["USER"][-1]
     uid, _, gid = user.partition(":")
