@@ -20,8 +20,8 @@ from app.middleware.security_headers import SecurityHeadersMiddleware
 from app.observability.http import HttpMetricsMiddleware
 from app.openapi import install_openapi
 from app.responses import JSONResponse
-from app.routes import aggregate, debug, health, metrics, transform
-from app.security.access import AccessRules
+from app.routes import aggregate, debug, docs, health, metrics, transform
+from app.security.access import SCHEMA_PATH, AccessRules
 from app.security.admission import Admission
 from app.settings import Settings
 
@@ -42,7 +42,7 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         version=__version__,
         lifespan=build_lifespan(settings),
         default_response_class=JSONResponse,
-        # The interactive docs load scripts from a CDN; a gateway serves its schema, not a web page.
+        # FastAPI's own docs pages load their scripts from a CDN: app/routes/docs.py serves them from the gateway.
         docs_url=None,
         redoc_url=None,
     )
@@ -67,6 +67,8 @@ def create_app(settings: Settings, *, tracer_provider: TracerProvider | None = N
         # Without an admin listener, operators reach /debug here, with an `admin` key; never anonymously. Kept out
         # of the public API's schema: it describes the API clients call, not the operators' tools.
         app.include_router(debug.router, include_in_schema=False)
+    if settings.server.docs:
+        app.include_router(docs.build_router(title=app.title, openapi_url=SCHEMA_PATH))
     rules = AccessRules()
     unruled = rules.unruled(_paths(app.routes))
     if unruled:

@@ -246,6 +246,7 @@ class ServerSettings(_Section):
     drain_timeout_s: float = Field(20.0, ge=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    docs: bool = Field(True, description="Serve /docs (Swagger UI) and /redoc (ReDoc), assets included, no CDN.")
     # uvloop is faster on most workloads; "asyncio" is the standard library's loop, for platforms without
     # uvloop and for measuring what uvloop buys (see docs/benchmarks.md).
     loop: Literal["uvloop", "asyncio"] = "uvloop"
