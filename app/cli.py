@@ -81,13 +81,14 @@ def _check_config(path: Path) -> int:
 
 def _doctor(config: Path | None, replicas: int, shm_path: Path) -> int:
     from app.diagnostics.doctor import run_doctor
+    from app.preflight import EXIT_INVALID, report
     from app.settings import load_settings
 
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        report(str(config) if config is not None else "configuration", exc.problems)
+        return EXIT_INVALID
     return run_doctor(settings, replicas=replicas, shm_path=shm_path)
 
 

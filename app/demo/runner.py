@@ -119,6 +119,8 @@ gateway demo is running at {base}   (authentication is off in the demo; Ctrl-C s
 {transform_npy_examples(base, sys.executable)}
   curl -s {base}/metrics
   curl -s {base}/readyz
+
+  API docs in a browser: {base}/docs (Swagger UI, "Try it out") and {base}/redoc
 """,
         flush=True,
     )

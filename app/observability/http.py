@@ -85,5 +85,7 @@ class HttpMetricsMiddleware:
                     **scope.get("state", {}).get(SUMMARY_KEY, {}),
                 }
                 log.info("%s %s %d %.1f ms", scope["method"], route, status, elapsed * 1000, extra=extra)
-            if token is not None:
-                request_trace.reset(token)
+        # Reset only after a normal end. After an error the ids stay for the line Starlette's outermost error
+        # middleware logs next; the request's task, whose context this is, ends with it.
+        if token is not None:
+            request_trace.reset(token)
