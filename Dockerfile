@@ -17,8 +17,10 @@ ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /src
 
 # Dependencies first, from the lock files alone: this layer is rebuilt only when they change, not on every code
-# change. Every wheel is checked against its pinned hash. (The embedded PostgreSQL server of `gateway demo` is an
-# extra, `demo`, that the runtime lock leaves out: a container runs `gateway serve`.)
+# change. Every wheel is checked against its pinned hash. The lock holds the OTLP trace exporter and the Swagger UI /
+# ReDoc assets (core dependencies), so the image exports traces and serves /docs with no download at run time. (The
+# embedded PostgreSQL server of `gateway demo` is an extra, `demo`, that the runtime lock leaves out: a container
+# runs `gateway serve`.)
 COPY requirements/runtime.txt requirements/build.txt requirements/
 RUN pip install --no-deps --require-hashes -r requirements/runtime.txt \
  && pip install --no-deps --require-hashes -r requirements/build.txt

@@ -8,7 +8,7 @@ UV     := $(or $(shell command -v uv 2>/dev/null),$(TOOLS)/bin/uv)
 export VIRTUAL_ENV := $(abspath $(VENV))
 BIN    := $(VENV)/bin
 
-.PHONY: install demo test lint typecheck pytest lock ensure-postgres ensure-redis clean validate-deploy deploy-tools deploy-sync bench
+.PHONY: install demo test lint typecheck pytest lock ensure-postgres ensure-redis ensure-chromium clean validate-deploy deploy-tools deploy-sync bench
 
 $(TOOLS)/bin/uv:
 	$(PYTHON) -m venv $(TOOLS)
@@ -27,7 +27,7 @@ install: $(BIN)/.installed
 demo: install
 	$(BIN)/gateway demo
 
-test: install ensure-postgres ensure-redis lint typecheck validate-deploy pytest
+test: install ensure-postgres ensure-redis ensure-chromium lint typecheck validate-deploy pytest
 
 lint: install
 	$(BIN)/ruff check app tests bench scripts
@@ -56,6 +56,10 @@ deploy-sync: install
 
 ensure-redis:
 	@scripts/ensure-redis.sh
+
+# The /docs browser test needs a headless Chromium: Debian's package, installed when missing.
+ensure-chromium:
+	@scripts/install-chromium.sh
 
 # The benchmark harness (docs/benchmarks.md): `make bench` for the full run, `make bench BENCH=--quick` for one
 # under 3 minutes. Installs wrk and nginx with apt-get when they are missing.

@@ -61,20 +61,17 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _check_config(path: Path) -> int:
-    from app.security.guard import startup_problems
+    from app.preflight import EXIT_INVALID, config_problems, report
     from app.settings import load_settings
-    from app.upstream.client import tls_problems
 
     try:
         settings = load_settings(path)
-        problems = startup_problems(settings) + tls_problems(settings)
+        problems = config_problems(settings)
         if problems:
             raise ConfigError(problems)
     except ConfigError as exc:
-        print(f"{path}: invalid", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+        report(str(path), exc.problems)
+        return EXIT_INVALID
     print(
         f"{path}: ok ({len(settings.upstreams)} upstreams, {len(settings.queries)} queries, "
         f"{len(settings.composites)} composites)"
@@ -84,13 +81,14 @@ def _check_config(path: Path) -> int:
 
 def _doctor(config: Path | None, replicas: int, shm_path: Path) -> int:
     from app.diagnostics.doctor import run_doctor
+    from app.preflight import EXIT_INVALID, report
     from app.settings import load_settings
 
     try:
         settings = load_settings(config)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
+        report(str(config) if config is not None else "configuration", exc.problems)
+        return EXIT_INVALID
     return run_doctor(settings, replicas=replicas, shm_path=shm_path)
 
 
@@ -136,24 +134,31 @@ def _serve(config: Path | None, host: str | None, port: int | None) -> int:
 
     early = EarlySignals().install()
 
+    from pydantic import ValidationError
+
     from app.lifecycle.heap import freeze_startup_heap
     from app.lifecycle.server import serve
     from app.observability.logging import configure_logging
+    from app.preflight import EXIT_INVALID, config_problems, listener_problems, report
     from app.settings import ServerSettings, load_settings
 
+    # Everything is checked before anything starts, and reported as check-config reports it (exit 2).
     try:
         settings = load_settings(config)
+        overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
+        if overrides:
+            try:
+                server = ServerSettings(**{**settings.server.model_dump(), **overrides})
+            except ValidationError as exc:
+                raise ConfigError([f"--{e['loc'][0]}: {e['msg']}" for e in exc.errors()]) from exc
+            settings = settings.model_copy(update={"server": server})
+        change = "--port, server.port or GATEWAY_SERVER__PORT"
+        problems = config_problems(settings) + listener_problems(settings, port_change=change)
+        if problems:
+            raise ConfigError(problems)
     except ConfigError as exc:
-        print(str(exc), file=sys.stderr)
-        return 2
-    overrides = {k: v for k, v in (("host", host), ("port", port)) if v is not None}
-    if overrides:
-        try:
-            server = ServerSettings(**{**settings.server.model_dump(), **overrides})
-        except ValueError as exc:
-            print(f"invalid --host/--port: {exc}", file=sys.stderr)
-            return 2
-        settings = settings.model_copy(update={"server": server})
+        report(str(config) if config is not None else "configuration", exc.problems)
+        return EXIT_INVALID
     configure_logging(
         settings.server.log_level, settings.server.log_format, access_log=settings.observability.access_log
     )

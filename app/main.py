@@ -18,8 +18,8 @@ from app.lifecycle.readiness import Readiness
 from app.middleware.front import Front
 from app.openapi import install_openapi
 from app.responses import JSONResponse
-from app.routes import aggregate, debug, health, metrics, transform
-from app.security.access import AccessRules
+from app.routes import aggregate, debug, docs, health, metrics, transform
+from app.security.access import SCHEMA_PATH, AccessRules
 from app.security.admission import Admission
 from app.settings import Settings
 from app.state import GatewayState
@@ -74,7 +74,7 @@ def build_gateway(settings: Settings, *, tracer_provider: TracerProvider | None 
         version=__version__,
         lifespan=build_lifespan(state),
         default_response_class=JSONResponse,
-        # The interactive docs load scripts from a CDN; a gateway serves its schema, not a web page.
+        # FastAPI's own docs pages load their scripts from a CDN: app/routes/docs.py serves them from the gateway.
         docs_url=None,
         redoc_url=None,
     )
@@ -92,6 +92,8 @@ def build_gateway(settings: Settings, *, tracer_provider: TracerProvider | None 
         # Without an admin listener, operators reach /debug here, with an `admin` key; never anonymously. Kept out
         # of the public API's schema: it describes the API clients call, not the operators' tools.
         app.include_router(debug.router, include_in_schema=False)
+    if settings.server.docs:
+        app.include_router(docs.build_router(title=app.title, openapi_url=SCHEMA_PATH))
     rules = AccessRules()
     unruled = rules.unruled(_paths(app.routes))
     if unruled:

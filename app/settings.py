@@ -7,8 +7,11 @@ Environment variables win over the file. Nested keys use ``__``: ``GATEWAY_SERVE
 
 from __future__ import annotations
 
+import json
+import os
 import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
@@ -245,6 +248,7 @@ class ServerSettings(_Section):
     drain_timeout_s: float = Field(20.0, ge=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["json", "text"] = "json"
+    docs: bool = Field(True, description="Serve /docs (Swagger UI) and /redoc (ReDoc), assets included, no CDN.")
     # uvloop is faster on most workloads; "asyncio" is the standard library's loop, for platforms without
     # uvloop and for measuring what uvloop buys (see docs/benchmarks.md).
     loop: Literal["uvloop", "asyncio"] = "uvloop"
@@ -490,12 +494,15 @@ class CorsSettings(_Section):
 
 
 class TracingSettings(_Section):
-    enabled: bool = Field(False, description="OpenTelemetry spans (needs the `otel` extra).")
+    # Each key left unset here (file and GATEWAY_*) takes the standard OTEL_* variable's value (otel_env.py).
+    enabled: bool = Field(False, description="OpenTelemetry spans; on by default when an OTLP endpoint is set.")
     otlp_endpoint: str | None = Field(
         None, description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces"
     )
     service_name: str = "gateway"
     sample_ratio: float = Field(1.0, ge=0, le=1)
+    parent_based: bool = Field(True, description="Follow the caller's sampling decision when it sent one.")
+    resource_attributes: dict[str, str] = Field(default_factory=dict, description="On every span's resource.")
 
 
 class ObservabilitySettings(_Section):
@@ -632,10 +639,32 @@ def _lower_header_names(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
-def _format_error(err: dict[str, Any]) -> str:
+def _format_error(err: dict[str, Any], env_vars: dict[tuple[str, ...], str] | None = None) -> str:
     loc = ".".join(str(part) for part in err["loc"])
     msg = str(err["msg"]).removeprefix("Value error, ")
+    # A value from the environment is named by its variable: that is where the operator must look, not the file.
+    path, env_vars = tuple(str(part).lower() for part in err["loc"]), env_vars or {}
+    var = next((env_vars[path[:n]] for n in range(len(path), 0, -1) if path[:n] in env_vars), None)
+    if var is not None:
+        return f"{var} ({loc}): {msg}"
     return f"{loc}: {msg}" if loc else msg
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _gateway_variables(environ: Mapping[str, str]) -> dict[tuple[str, ...], str]:
+    """Each GATEWAY_* variable by the key path it sets (``("server", "port")`` for GATEWAY_SERVER__PORT)."""
+    return {
+        tuple(name[len("GATEWAY_") :].lower().split("__")): name
+        for name in environ
+        if name.upper().startswith("GATEWAY_")
+    }
 
 
 def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings:
@@ -658,10 +687,23 @@ def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings
         try:
             env = EnvSettingsSource(Settings, env_prefix="GATEWAY_", env_nested_delimiter="__", case_sensitive=False)()
         except SettingsError as exc:
-            # A variable holding a list or table must be JSON; the message names the field, never the value.
-            raise ConfigError([f"environment: {exc} (a list or table must be JSON)"]) from exc
+            # A variable holding a list or table must be JSON; the message names the variable, never the value.
+            field = re.search(r'field "(\w+)"', str(exc))
+            names = [
+                name
+                for path, name in _gateway_variables(os.environ).items()
+                if field and path[0] == field.group(1) and not _is_json(os.environ[name])
+            ]
+            what = " or ".join(sorted(names)) if names else "environment"
+            raise ConfigError([f"{what}: not valid JSON (a list or table must be JSON)"]) from exc
         data = _deep_merge(_lower_header_names(data), _lower_header_names(env))
     try:
-        return Settings(**data)
+        settings = Settings(**data)
     except ValidationError as exc:
-        raise ConfigError([_format_error(dict(e)) for e in exc.errors()]) from exc
+        env_vars = _gateway_variables(os.environ) if environ else None
+        raise ConfigError([_format_error(dict(e), env_vars) for e in exc.errors()]) from exc
+    if environ:
+        from app.observability.otel_env import with_otel_environment
+
+        settings = with_otel_environment(settings, os.environ)
+    return settings

@@ -124,7 +124,8 @@ def test_bad_environment_value_is_named(monkeypatch: pytest.MonkeyPatch) -> None
     monkeypatch.setenv("GATEWAY_COMPUTE__WORKERS", "lots")
     with pytest.raises(ConfigError) as info:
         load_settings(None)
-    assert any(p.startswith("compute.workers:") for p in info.value.problems)
+    # Named by the variable, where the operator must look, and by the key path it sets.
+    assert any(p.startswith("GATEWAY_COMPUTE__WORKERS (compute.workers):") for p in info.value.problems)
 
 
 def test_check_config_cli(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -89,7 +90,8 @@ class BoundedExecutor:
                 self._observer.job_rejected()
             raise ExecutorFullError(f"executor {self.name} is full")
         submitted = time.perf_counter()
-        future = self._pool.submit(self._run, fn, submitted)
+        # In the caller's context (a copy: O(1)), so that what the job logs carries the request's trace ids.
+        future = self._pool.submit(contextvars.copy_context().run, self._run, fn, submitted)
         # The slot is released when the job ends or is cancelled before it started, never when an awaiting
         # coroutine gives up: a thread still running a query still occupies its worker.
         future.add_done_callback(self._release)

@@ -19,9 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from app.errors import ConfigError
 from app.lifecycle.server import GatewayServer, serve
 from app.observability.logging import configure_logging
+from app.preflight import EXIT_INVALID, config_problems, listener_problems, report
 from app.settings import Settings
 
 UPSTREAMS = ("users", "inventory")
@@ -116,9 +119,21 @@ gateway demo is running at {base}   (authentication is off in the demo; Ctrl-C s
 {transform_npy_examples(base, sys.executable)}
   curl -s {base}/metrics
   curl -s {base}/readyz
+
+  API docs in a browser: {base}/docs (Swagger UI, "Try it out") and {base}/redoc
 """,
         flush=True,
     )
+
+
+def _preflight(config: dict[str, Any], port: int) -> list[str]:
+    """The bundled config with this port, and the port itself, checked before anything is started (the upstream
+    and database URLs are still placeholders: the processes that fill them in start only after this)."""
+    try:
+        settings = Settings(**{**config, "server": {**config["server"], "port": port}})
+    except ValidationError as exc:
+        return [f"--port: {e['msg']}" if e["loc"] == ("server", "port") else str(e["msg"]) for e in exc.errors()]
+    return config_problems(settings) + listener_problems(settings, port_key="--port", port_change="--port")
 
 
 def run_demo(*, port: int, latency_ms: float, failure_rate: float) -> int:
@@ -133,6 +148,10 @@ def run_demo(*, port: int, latency_ms: float, failure_rate: float) -> int:
         return 2
 
     config = demo_config()
+    problems = _preflight(config, port)
+    if problems:
+        report("gateway demo", problems)
+        return EXIT_INVALID
     configure_logging("info", "text")
     with tempfile.TemporaryDirectory(prefix="gateway-demo-") as tmpdir:
         tmp = Path(tmpdir)

@@ -37,6 +37,8 @@ from app.lifecycle.inflight import InFlight
 from app.middleware.request_id import HEADER as REQUEST_ID
 from app.middleware.request_id import new_request_id
 from app.observability.http import SUMMARY_KEY, UNMATCHED, route_template
+from app.observability.logging import request_trace
+from app.observability.tracing import log_ids
 from app.problems import response_for, response_for_exception
 from app.security.access import OPEN, AccessRules
 from app.security.headers import SECURITY_HEADERS, head_problem
@@ -125,8 +127,11 @@ class Front:
         started = time.perf_counter()
         span_cm = tracing.request_span(scope, scope["method"]) if tracing is not None else contextlib.nullcontext()
         timeout = asyncio.timeout(in_flight.deadline)
+        token = None
         try:
             with span_cm as span:
+                # Until the access line below is written: every log line of this request carries the trace.
+                token = request_trace.set(log_ids(scope, span))
                 try:
                     async with timeout:
                         in_flight._add(timeout)
@@ -169,6 +174,10 @@ class Front:
                     **state.get(SUMMARY_KEY, {}),
                 }
                 access_log.info("%s %s %d %.1f ms", scope["method"], route, status, elapsed * 1000, extra=extra)
+        # Reset only after a normal end: after an error the ids stay for the line uvicorn logs next; the request's
+        # task, whose context this is, ends with it.
+        if token is not None:
+            request_trace.reset(token)
 
     async def _inner(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Inside CORS (when configured), so that a browser can read the refusals answered here.

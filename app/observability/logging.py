@@ -5,9 +5,14 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 import orjson
+
+# (trace id, span id) of the request being served, set by the HTTP middleware for as long as it is: every line
+# logged meanwhile, from the loop or from a thread the request's context was copied to, carries both.
+request_trace: ContextVar[tuple[str, str] | None] = ContextVar("request_trace", default=None)
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and belongs in the JSON line.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
@@ -29,6 +34,14 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
+class TraceContextFilter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        ids = request_trace.get()
+        if ids is not None:
+            record.trace_id, record.span_id = ids
+        return True
+
+
 def configure_logging(level: str, fmt: str, *, access_log: bool = True) -> None:
     # Neither format uses the caller's file and line, the thread or the process: skip collecting them for every
     # record (the logging HOWTO's "Optimization" flags), a third of the cost of each request's log line.
@@ -37,6 +50,7 @@ def configure_logging(level: str, fmt: str, *, access_log: bool = True) -> None:
     logging.logProcesses = False
     logging.logMultiprocessing = False
     handler = logging.StreamHandler(sys.stderr)
+    handler.addFilter(TraceContextFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:

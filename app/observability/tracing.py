@@ -2,8 +2,10 @@
 
 Without OpenTelemetry the gateway still propagates: an incoming ``traceparent`` keeps its trace id (a new one is made
 when it is absent or malformed), and each source gets a span id of its own, so upstream logs of one request share a
-trace id. With ``[observability.tracing] enabled = true`` (the ``otel`` extra installed), there is a span per request
-and one per source, carrying the outcome and the attempts, exported over OTLP/HTTP.
+trace id. With ``[observability.tracing] enabled = true`` (or an OTLP endpoint in the standard OTEL_* variables:
+otel_env.py), there is a span per request and one per source, carrying the outcome and the attempts, exported over
+OTLP/HTTP. Either way every log line written while a request is served carries its ``trace_id`` and ``span_id``
+(``log_ids``), so that logs and traces join.
 """
 
 from __future__ import annotations
@@ -110,6 +112,17 @@ class Tracing:
             yield headers, span
 
 
+def log_ids(scope: Scope, span: Span | None) -> tuple[str, str]:
+    """(trace id, span id) for this request's log lines: the request span's, or without one the trace id the
+    upstreams are sent and a span id of the request's own."""
+    if span is not None:
+        context = span.get_span_context()
+        if context.is_valid:
+            return f"{context.trace_id:032x}", f"{context.span_id:016x}"
+    trace_id, _ = _incoming(scope)
+    return trace_id, f"{_random.getrandbits(64) or 1:016x}"
+
+
 def record_outcome(span: Span | None, outcome: str, attempts: int, extra: Mapping[str, Any] | None = None) -> None:
     if span is None:
         return
@@ -130,15 +143,16 @@ def _sdk_provider(settings: TracingSettings) -> TracerProvider:
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
         from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
     except ImportError as exc:
-        raise StartupError("tracing is enabled but the OpenTelemetry SDK is missing: install gateway[otel]") from exc
+        raise StartupError("tracing is enabled but the OpenTelemetry SDK is missing: reinstall the gateway") from exc
+    ratio = TraceIdRatioBased(settings.sample_ratio)
     provider = SdkTracerProvider(
-        resource=Resource.create({"service.name": settings.service_name}),
-        sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)),
+        resource=Resource.create({**settings.resource_attributes, "service.name": settings.service_name}),
+        sampler=ParentBased(ratio) if settings.parent_based else ratio,
     )
     if settings.otlp_endpoint is not None:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         except ImportError as exc:
-            raise StartupError("an OTLP endpoint is set but the exporter is missing: install gateway[otel]") from exc
+            raise StartupError("an OTLP endpoint is set but the exporter is missing: reinstall the gateway") from exc
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.otlp_endpoint)))
     return provider

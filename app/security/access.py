@@ -11,8 +11,11 @@ from collections.abc import Iterable
 from typing import Final
 
 OPEN: Final = "<open>"  # not a scope: no key needed
+SCHEMA_PATH: Final = "/openapi.json"
 # Liveness and readiness answer anyone (the kubelet has no key); the schema describes the API, not its config.
-OPEN_PATHS = ("/healthz", "/readyz", "/openapi.json")
+OPEN_PATHS = ("/healthz", "/readyz", SCHEMA_PATH)
+# The interactive docs (pages and their assets) show the schema: whoever may read it may read them.
+SCHEMA_VIEWS = ("/docs", "/redoc")
 # /debug is on the public listener only with authentication on (app/main.py), and then only for `admin` keys.
 SCOPED_PREFIXES = (
     ("/aggregate", "aggregate"),
@@ -28,15 +31,21 @@ def _under(path: str, prefix: str) -> bool:
 
 class AccessRules:
     def __init__(
-        self, open_paths: Iterable[str] = OPEN_PATHS, scoped: Iterable[tuple[str, str]] = SCOPED_PREFIXES
+        self,
+        open_paths: Iterable[str] = OPEN_PATHS,
+        scoped: Iterable[tuple[str, str]] = SCOPED_PREFIXES,
+        schema_views: Iterable[str] = SCHEMA_VIEWS,
     ) -> None:
         self.open_paths = frozenset(open_paths)
         self.scoped = tuple(sorted(scoped, key=lambda item: -len(item[0])))
+        self.schema_views = tuple(schema_views)
 
     def scope_for(self, path: str) -> str | None:
         """OPEN, the scope the path needs, or None: any valid key (the path has no rule of its own)."""
         if path in self.open_paths:
             return OPEN
+        if any(_under(path, prefix) for prefix in self.schema_views):
+            return self.scope_for(SCHEMA_PATH)
         for prefix, scope in self.scoped:
             if _under(path, prefix):
                 return scope

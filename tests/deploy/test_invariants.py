@@ -22,6 +22,9 @@ import yaml
 from app.cli import _parser
 from app.errors import ConfigError
 from app.main import create_app
+from app.security.guard import build_rate_limiter
+from app.security.keys import hash_key
+from app.security.redis_ratelimit import RedisRateLimiter
 from app.settings import Settings, load_settings
 from tests.deploy.manifests import (
     COMPOSE_CONFIG,
@@ -49,6 +52,7 @@ from tests.support.gateway import make_settings, running_gateway
 
 GATEWAY = str(Path(sys.executable).parent / "gateway")
 DUMMY_DSN = "postgresql://gateway@db.invalid:5432/gateway"
+DUMMY_REDIS_URL = "redis://:password@redis.invalid:6379/0"
 # What the Secret's api-keys entry holds: hashes only (this one is the hash of a throwaway test key).
 DUMMY_KEYS = '[{"name": "ops", "hash": "sha256:' + "ab" * 32 + '", "scopes": ["aggregate", "transform", "metrics"]}]'
 # Budget (docs/deploy.md), measured: the main process idles at about 85 MB RSS and a worker at about 35 MB.
@@ -77,7 +81,7 @@ def effective_settings(
     for name in list(os.environ):
         if name.upper().startswith("GATEWAY_"):
             monkeypatch.delenv(name)
-    for name, value in {"GATEWAY_DATABASE_URL": DUMMY_DSN, "GATEWAY_AUTH__KEYS": DUMMY_KEYS, **env}.items():
+    for name, value in {**secret_values(), **env}.items():
         monkeypatch.setenv(name, value)
     path = tmp_path / "gateway.toml"
     path.write_text(config_text)
@@ -85,6 +89,15 @@ def effective_settings(
         return load_settings(path)
     except ConfigError as exc:
         pytest.fail(f"config does not load: {exc.problems}")
+
+
+def secret_values() -> dict[str, str]:
+    """What the Secret gateway-secrets holds (docs/deploy.md), as the variables the Deployment maps it to."""
+    return {
+        "GATEWAY_DATABASE_URL": DUMMY_DSN,
+        "GATEWAY_AUTH__KEYS": DUMMY_KEYS,
+        "GATEWAY_RATE_LIMIT__REDIS_URL": DUMMY_REDIS_URL,
+    }
 
 
 def k8s_settings(k8s: Rendered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
@@ -200,12 +213,13 @@ def check_config(config_text: str, env: dict[str, str], tmp_path: Path) -> subpr
 
 
 def test_configmap_passes_gateway_check_config(k8s: Rendered, tmp_path: Path) -> None:
-    env = {"GATEWAY_DATABASE_URL": DUMMY_DSN, "GATEWAY_AUTH__KEYS": DUMMY_KEYS, **k8s.env_literals()}
+    env = {**secret_values(), **k8s.env_literals()}
     result = check_config(k8s.config_toml(), env, tmp_path)
     assert result.returncode == 0, result.stderr
     assert ": ok (" in result.stdout
     # The same file without the Secret's database URL is refused: the Secret reference is what makes it valid.
-    without_db = check_config(k8s.config_toml(), {"GATEWAY_AUTH__KEYS": DUMMY_KEYS, **k8s.env_literals()}, tmp_path)
+    env.pop("GATEWAY_DATABASE_URL")
+    without_db = check_config(k8s.config_toml(), env, tmp_path)
     assert without_db.returncode == 2
     assert "GATEWAY_DATABASE_URL" in without_db.stderr
 
@@ -252,6 +266,13 @@ def test_image_entrypoint_runs_gateway_serve() -> None:
     # The compose service and the Deployment pass only arguments of `gateway serve`.
     compose_args = _parser().parse_args(["serve", *compose()["services"]["gateway"]["command"]])
     assert compose_args.config == Path("/etc/gateway/gateway.toml")
+
+
+def test_image_can_export_traces_and_serve_its_docs() -> None:
+    # What the image installs is the runtime lock (test above): the exporter and the docs assets must be in it.
+    lock = (DOCKERFILE.parent / "requirements/runtime.txt").read_text()
+    pinned = {line.split("==")[0] for line in lock.splitlines() if "==" in line and not line.startswith(" ")}
+    assert {"opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http", "fastapi-offline"} <= pinned
 
 
 def test_image_runs_as_the_user_kubernetes_expects(k8s: Rendered) -> None:
@@ -392,19 +413,61 @@ def test_network_policy_lets_the_gateway_reach_what_it_is_configured_for(
     assert admin_rule["from"], "the admin port must not be open to every pod"
 
 
+def test_production_shares_rate_limits_through_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # 3 to 20 replicas: per-pod buckets would multiply every key's limit by the pods up.
+    production = rendered("overlays/production")
+    assert production.one("HorizontalPodAutoscaler", "gateway")["spec"]["maxReplicas"] > 1
+    settings = k8s_settings(production, tmp_path, monkeypatch)
+    assert settings.rate_limit.enabled
+    assert settings.auth.enabled
+    assert settings.rate_limit.backend == "redis"
+    limiter = build_rate_limiter(settings)
+    assert isinstance(limiter, RedisRateLimiter)
+    (url_var,) = [e for e in production.container["env"] if e["name"] == "GATEWAY_RATE_LIMIT__REDIS_URL"]
+    assert url_var["valueFrom"]["secretKeyRef"] == {"name": "gateway-secrets", "key": "redis-url"}
+
+
+def test_network_policy_lets_the_gateway_reach_redis(
+    k8s: Rendered, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = k8s_settings(k8s, tmp_path, monkeypatch)
+    egress_ports = {p["port"] for rule in k8s.one("NetworkPolicy", "gateway")["spec"]["egress"] for p in rule["ports"]}
+    if settings.rate_limit.backend == "redis":
+        assert settings.rate_limit.redis_url is not None
+        assert (urlsplit(settings.rate_limit.redis_url.get_secret_value()).port or 6379) in egress_ports
+
+
 # --- compose ---
+
+
+def test_compose_rate_limits_go_through_its_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    services = compose()["services"]
+    redis = services["redis"]
+    assert "ports" not in redis, "only the gateway reaches Redis"
+    assert "redis-cli" in redis["healthcheck"]["test"]
+    assert services["gateway"]["depends_on"]["redis"] == {"condition": "service_healthy"}
+    settings = compose_settings(tmp_path, monkeypatch)
+    limiter = build_rate_limiter(settings)
+    assert isinstance(limiter, RedisRateLimiter), "authentication on and the redis backend: limits are shared"
+    assert settings.rate_limit.redis_url is not None
+    url = urlsplit(settings.rate_limit.redis_url.get_secret_value())
+    assert (url.hostname, url.port) == ("redis", 6379)
+    # The laptop key of the compose file (docs/deploy.md) is the one configured.
+    monkeypatch.delenv("GATEWAY_AUTH__KEYS")
+    keys = load_settings(tmp_path / "gateway.toml").auth.keys
+    assert [k.hash for k in keys] == [hash_key("laptop-key-not-a-secret-6ZkQ2rVx9mWc")]
 
 
 def test_compose_services_are_healthchecked_and_ordered() -> None:
     services = compose()["services"]
-    assert set(services) == {"gateway", "users", "inventory", "postgres", "prometheus", "grafana"}
+    assert set(services) == {"gateway", "users", "inventory", "postgres", "redis", "prometheus", "grafana"}
     for name, service in services.items():
         assert service["init"] is True, name
         check = service["healthcheck"]
         assert {"interval", "start_period", "timeout", "retries"} <= set(check), name
         for dependency in service.get("depends_on", {}).values():
             assert dependency["condition"] == "service_healthy", name
-    assert set(services["gateway"]["depends_on"]) == {"postgres", "users", "inventory"}
+    assert set(services["gateway"]["depends_on"]) == {"postgres", "redis", "users", "inventory"}
     assert "gateway" in services["prometheus"]["depends_on"]
 
 

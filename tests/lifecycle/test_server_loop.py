@@ -30,4 +30,4 @@ def test_uvloop_is_the_default_and_other_loops_are_refused(monkeypatch: pytest.M
     monkeypatch.setenv("GATEWAY_SERVER__LOOP", "trio")
     with pytest.raises(ConfigError) as info:
         load_settings(None)
-    assert any(p.startswith("server.loop:") for p in info.value.problems)
+    assert any(p.startswith("GATEWAY_SERVER__LOOP (server.loop):") for p in info.value.problems)
