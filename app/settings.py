@@ -35,6 +35,7 @@ from pydantic_settings import (
 
 from app.errors import ConfigError
 from app.headers import HEADER_NAME, HEADER_VALUE
+from app.otel_env import otel_updates
 from app.sizing import default_cpu_workers, default_io_threads
 
 Name = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_\-]{0,63}$")]
@@ -703,7 +704,18 @@ def load_settings(path: Path | None = None, *, environ: bool = True) -> Settings
         env_vars = _gateway_variables(os.environ) if environ else None
         raise ConfigError([_format_error(dict(e), env_vars) for e in exc.errors()]) from exc
     if environ:
-        from app.observability.otel_env import with_otel_environment
-
         settings = with_otel_environment(settings, os.environ)
     return settings
+
+
+def with_otel_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
+    """``settings`` with the OTEL_* variables applied where the tracing settings are unset (otel_env.py).
+
+    Raises ConfigError naming each variable whose value cannot be used."""
+    tracing = settings.observability.tracing
+    update = otel_updates(tracing, environ)
+    if not update:
+        return settings
+    merged = TracingSettings.model_validate({**tracing.model_dump(exclude_unset=True), **update})
+    observability = settings.observability.model_copy(update={"tracing": merged})
+    return settings.model_copy(update={"observability": observability})

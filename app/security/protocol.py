@@ -7,7 +7,8 @@ be taken whole), and the ASGI app only ever sees complete heads. Nor does uvicor
 connects and sends nothing, or one byte a minute (slowloris), holds its connection for ever. So this protocol
 counts the bytes of each head as they arrive and answers 431 past the bound, and answers 408 to a head not
 complete within ``limits.request_head_timeout_s``; both close the connection. The finer limits (header count and
-size, URL, query parameters; app/middleware/request_limits.py) then apply to every head that fits.
+size, URL, query parameters; app/security/headers.py, checked by app/middleware/front.py) then apply to every
+head that fits.
 
 This subclasses uvicorn's httptools protocol and relies on its parser callbacks (on_message_begin,
 on_headers_complete) and data_received; tests/security/test_limits.py fails if a uvicorn upgrade changes them. The

@@ -21,7 +21,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from app.errors import ConfigError
-from app.settings import Settings, TracingSettings
 
 # OTEL_TRACES_SAMPLER: (ratio, or None for OTEL_TRACES_SAMPLER_ARG; parent-based).
 SAMPLERS: dict[str, tuple[float | None, bool]] = {
@@ -35,11 +34,11 @@ SAMPLERS: dict[str, tuple[float | None, bool]] = {
 _PROTOCOLS = ("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL")
 
 
-def with_otel_environment(settings: Settings, environ: Mapping[str, str]) -> Settings:
-    """``settings`` with the OTEL_* variables applied where the tracing settings are unset.
+def otel_updates(tracing: Any, environ: Mapping[str, str]) -> dict[str, Any]:
+    """What the OTEL_* variables change in ``tracing`` (the [observability.tracing] settings; typed loosely so
+    that this module imports nothing of app/settings.py, which calls it), where those settings are unset.
 
     Raises ConfigError naming each variable whose value cannot be used."""
-    tracing = settings.observability.tracing
     explicit = tracing.model_fields_set
     update: dict[str, Any] = {}
     problems: list[str] = []
@@ -99,11 +98,7 @@ def with_otel_environment(settings: Settings, environ: Mapping[str, str]) -> Set
 
     if problems:
         raise ConfigError(problems)
-    if not update:
-        return settings
-    merged = TracingSettings.model_validate({**tracing.model_dump(exclude_unset=True), **update})
-    observability = settings.observability.model_copy(update={"tracing": merged})
-    return settings.model_copy(update={"observability": observability})
+    return update
 
 
 def _resource_attributes(raw: str | None) -> tuple[dict[str, str], list[str]]:
