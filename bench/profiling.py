@@ -21,7 +21,8 @@ from typing import Any
 
 # Inclusive shares by the outermost frame of each part of a request (line numbers dropped).
 BREAKDOWN = {
-    "request_handling": "Starlette.__call__ (starlette/applications.py)",  # middleware, routing, body, endpoint
+    # The front layer around the app (app/middleware/front.py): cross-cutting rules, routing, body, endpoint.
+    "request_handling": "Front.__call__ (app/middleware/front.py)",
     "endpoint": "_aggregate (app/routes/aggregate.py)",  # the handler itself (planning, waiting, answer)
     "sources": "Aggregator._one (app/aggregate/execute.py)",  # each source's task: limits, deadline, retries, call
     "http_client": "call_once (app/upstream/call.py)",  # aiohttp: one request and its body

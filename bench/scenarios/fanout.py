@@ -134,8 +134,8 @@ def why(result: dict[str, Any]) -> str:
     per_req = f"{gw['median']:.0f} µs CPU per request at N = {prof['n']}" if gw else ""
     vs = f" against the floor's {floor['median']:.0f} µs" if floor else ""
     return (
-        f"The gateway spends {per_req}{vs}. Its profile (py-spy): {framework:.0%} of its CPU in FastAPI/Starlette "
-        f"request handling outside the endpoint (middleware, routing, body, validation, response), {own:.0%} in "
+        f"The gateway spends {per_req}{vs}. Its profile (py-spy): {framework:.0%} of its CPU in the front layer and "
+        f"framework outside the endpoint (cross-cutting rules, routing, body, validation, response), {own:.0%} in "
         f"its own per-source code outside the HTTP client (limits, deadline, retries, breaker, metrics, trace "
         f"context, one task per source), {b['http_client']:.0%} in aiohttp's client, which the floor pays too."
     )
@@ -241,7 +241,7 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
             "",
             f"Where the gateway's event-loop thread spends its CPU at N = {prof['n']} under closed-loop load (py-spy, "
             f"{prof['samples']} samples; collapsed stacks in `{prof['file']}` next to the results): "
-            f"FastAPI/Starlette request handling {b['request_handling']:.0%} (of which the endpoint "
+            f"request handling (front layer, framework) {b['request_handling']:.0%} (of which the endpoint "
             f"{b['endpoint']:.0%}), the sources' tasks {b['sources']:.0%} (of which aiohttp's client "
             f"{b['http_client']:.0%}). Top functions by self time:",
             "",
