@@ -215,7 +215,8 @@ class Front:
         if declared is not None and declared > limit:
             raise BodyTooLarge(limit)
         hot = method == "POST" and path == "/aggregate"
-        if not hot and (method not in _WITH_BODY or path.startswith(self.exempt) or not is_json(scope)):
+        json_body = is_json(scope)
+        if not hot and (method not in _WITH_BODY or path.startswith(self.exempt) or not json_body):
             await self.app(scope, _counting(receive, limit), send)
             return
         body, more = await _read_body(receive, limit)
@@ -223,7 +224,7 @@ class Front:
             # The client went away mid-body: let the app see exactly that.
             await self.app(scope, _replay(more, receive), send)
             return
-        if is_json(scope) and exceeds_depth(body, self.limits.max_json_depth):
+        if json_body and exceeds_depth(body, self.limits.max_json_depth):
             raise JsonTooDeepError(f"the JSON body nests deeper than {self.limits.max_json_depth} levels")
         if hot:
             scope["app"] = self.app
