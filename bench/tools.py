@@ -54,11 +54,11 @@ def ensure_tools(*, install: bool, say: Callable[[str], None]) -> dict[str, str 
     if missing and install and os.geteuid() == 0 and shutil.which("apt-get"):
         say(f"installing {' '.join(missing)} with apt-get")
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        cmd = ["apt-get", "install", "-y", "-q", "--no-install-recommends", *missing]
+        cmd = ["apt-get", "-o", "DPkg::Lock::Timeout=600", "install", "-y", "-q", "--no-install-recommends", *missing]
         with _services_not_started():
             done = subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
             if done.returncode != 0:
-                subprocess.run(["apt-get", "update", "-q"], env=env, capture_output=True, timeout=600, check=False)
+                subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-q"], env=env, capture_output=True, timeout=600, check=False)
                 done = subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
         if done.returncode != 0:
             say(f"apt-get failed: {done.stderr.decode(errors='replace')[-500:]}")

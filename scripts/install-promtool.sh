@@ -23,7 +23,7 @@ work="$(mktemp -d)"
 trap 'rm -rf "$work"' EXIT
 # `apt-get download` needs the package lists; refresh them once if the package is not known yet.
 if ! (cd "$work" && apt-get download prometheus >/dev/null 2>&1); then
-    apt-get update -qq
+    apt-get -o DPkg::Lock::Timeout=600 update -qq
     (cd "$work" && apt-get download prometheus)
 fi
 mkdir -p "$dest"
