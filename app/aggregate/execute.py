@@ -78,11 +78,21 @@ class Aggregator:
         started = time.perf_counter()
         timer = loop.call_at(deadline, expire)
         try:
-            async with asyncio.TaskGroup() as tg:
-                for name, plan in plans.items():
-                    tasks.append(
-                        tg.create_task(self._one(name, plan, deadline, headers, results), name=f"source:{name}")
-                    )
+            if len(plans) == 1:
+                # One source runs in the request's own task: no task and no group to pay for. The timer then
+                # cancels this task, which _run_source turns into the source's `deadline` result as it would in a
+                # task of its own (and any other cancellation stays one).
+                ((name, plan),) = plans.items()
+                current = asyncio.current_task()
+                assert current is not None
+                tasks.append(current)
+                await self._one(name, plan, deadline, headers, results)
+            else:
+                async with asyncio.TaskGroup() as tg:
+                    for name, plan in plans.items():
+                        tasks.append(
+                            tg.create_task(self._one(name, plan, deadline, headers, results), name=f"source:{name}")
+                        )
         finally:
             timer.cancel()
         # A source cancelled before its task first ran (a deadline already past) never got to write its result,

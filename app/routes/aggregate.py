@@ -218,7 +218,7 @@ async def _run(
     )
     headers = {"X-Request-ID": request_id_of(request.scope)}
     work = aggregator.run(plans, deadline_s, headers=headers)
-    results = await until_disconnected(request.receive, work, what="the aggregate finished")
+    results = await until_disconnected(request.scope, request.receive, work, what="the aggregate finished")
     add_log_fields(
         request.scope,
         sources={

@@ -165,7 +165,9 @@ async def transform(
             )
             # Awaiting the job holds an input segment and maybe an output one: both are unlinked in the
             # finally below on every path, and the pool itself kills the worker if this await is cancelled.
-            completed = await until_disconnected(request.receive, pool.run(job, admission), what="the job finished")
+            completed = await until_disconnected(
+                request.scope, request.receive, pool.run(job, admission), what="the job finished"
+            )
         except BaseException:
             if output is not None:
                 output.unlink()

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import secrets
+from collections.abc import Callable
 from typing import cast
 
 from starlette.types import ASGIApp, Scope
@@ -39,6 +40,9 @@ _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
 
 
 LIVENESS_PATH = "/healthz"
+# The scope extension under which a request's handler finds its connection (``{"connection": protocol}``), to be
+# called back when it is lost (app/routes/disconnect.py): instead of a task per request waiting on receive().
+DISCONNECT_EXTENSION = "gateway.disconnect"
 
 
 def _canned(status_line: bytes, body: bytes) -> tuple[bytes, bytes]:
@@ -68,6 +72,8 @@ class GatewayProtocol(StartHook):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._in_head: bool | None = True  # None once refused
+        self._lost = False
+        self._on_disconnect: Callable[[], None] | None = None
         self._head_bytes = 0
         # From the connection on: a client that connects and says nothing is timed too.
         self._head_timer: asyncio.TimerHandle | None = None
@@ -76,7 +82,21 @@ class GatewayProtocol(StartHook):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._lost = True
         super().connection_lost(exc)
+        callback, self._on_disconnect = self._on_disconnect, None
+        if callback is not None:
+            callback()
+
+    def watch_disconnect(self, callback: Callable[[], None] | None) -> None:
+        """Call ``callback`` when the client goes away (at once if it already has); None stops watching.
+
+        One request runs at a time on a connection (a pipelined one starts when the one before it has answered,
+        by which time its handler has stopped watching), so one callback at a time is enough."""
+        if callback is not None and self._lost:
+            callback()
+            return
+        self._on_disconnect = callback
 
     def on_message_begin(self) -> None:
         self._in_head = True
@@ -116,8 +136,10 @@ class GatewayProtocol(StartHook):
             # so that a loop busy with a burst still answers its probe within one turn.
             self._answer(cycle, *_LIVENESS)
         elif admission is None or path in admission.exempt:
+            cycle.scope["extensions"] = {DISCONNECT_EXTENSION: {"connection": self}}
             self.run_request(cycle, app)
         elif admission.admits(path):
+            cycle.scope["extensions"] = {DISCONNECT_EXTENSION: {"connection": self}}
             # Counted in at once (a burst admits many in one turn, and each must see the others), out when the
             # request's task ends, however it ends.
             admission.enter()

@@ -82,6 +82,39 @@ async def test_slow_upstream_cannot_push_past_the_deadline(upstream: UpstreamSer
     assert [r.disconnected for r in upstream.requests if r.path == "/slow"] == [True]
 
 
+async def test_a_lone_source_meets_the_deadline_and_the_disconnect_as_any(upstream: UpstreamServer) -> None:
+    # One source runs in the request's own task (app/aggregate/execute.py): the deadline's cancellation must
+    # still become the source's `deadline` result, and a client's disconnect must still cancel its call.
+    upstream.set("/slow", Behavior(latency=3.0))
+    upstream.set("/hang", Behavior(mode="hang"))
+    settings = make_settings(upstreams={"a": upstream_cfg(upstream.url, timeout_ms=10_000)})
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        started = time.perf_counter()
+        status, body, headers = await post_aggregate(
+            client, gw.url, {"slow": {"upstream": "a", "path": "/slow"}}, deadline_ms=300
+        )
+        elapsed = time.perf_counter() - started
+        await upstream.await_disconnects(1)
+        assert (status, headers["X-Aggregate-Complete"]) == (200, "false")
+        assert body["results"]["slow"]["error"]["type"] == "deadline"
+        assert body["results"]["slow"]["attempts"] == 1
+        assert 0.28 < elapsed < 1.0, f"answered after {elapsed * 1000:.0f} ms for a 300 ms deadline"
+        status, body, _ = await post_aggregate(
+            client, gw.url, {"again": {"upstream": "a", "path": "/x"}}, deadline_ms=2000
+        )
+        assert (status, body["complete"]) == (200, True), "the request's task was not left cancelled"
+
+        request = asyncio.create_task(
+            post_aggregate(client, gw.url, {"h": {"upstream": "a", "path": "/hang"}}, deadline_ms=10_000)
+        )
+        await upstream.await_requests(3)  # /slow, /x and /hang
+        request.cancel()
+        await asyncio.gather(request, return_exceptions=True)
+    await upstream.await_disconnects(2, timeout=5)
+    assert [r.disconnected for r in upstream.requests if r.path == "/hang"] == [True]
+    assert gw.state.upstreams.upstreams["a"].in_flight == 0
+
+
 async def test_a_deadline_that_passes_before_the_sources_start_fails_each_of_them(upstream: UpstreamServer) -> None:
     upstream.set("/x", Behavior())
     settings = make_settings(upstreams={"a": upstream_cfg(upstream.url)})
@@ -159,6 +192,8 @@ async def test_client_disconnect_cancels_upstream_calls(upstream: UpstreamServer
         async with aiohttp.ClientSession() as client:
             request = asyncio.create_task(post_aggregate(client, gw.url, sources, deadline_ms=10_000))
             await upstream.await_requests(3)
+            # The gateway's protocol signals the disconnect itself: no watcher task per request.
+            assert [t for t in asyncio.all_tasks() if t.get_name() == "disconnect-watcher"] == []
             request.cancel()  # the client gives up and closes its connection
             await asyncio.gather(request, return_exceptions=True)
         await upstream.await_disconnects(3, timeout=5)
