@@ -25,6 +25,9 @@ class ReadinessReport(BaseModel):
 @router.get("/healthz", response_model=None, responses={200: {"model": Alive}})
 async def healthz() -> JSONResponse:
     """Liveness: answers while the process and its event loop respond."""
+    # Under `gateway serve` the HTTP protocol answers a well-formed probe itself, in the loop turn that read it
+    # (app/security/protocol.py), with this same body; this route answers under any other ASGI server, and is the
+    # endpoint's OpenAPI operation.
     return JSONResponse({"status": "ok"})
 
 
