@@ -227,6 +227,7 @@ class CpuPool:
             capacity=self.capacity,
             worker_pids=tuple(self.worker_pids),
             busy_pids=tuple(sorted(w.pid for w in busy if w.pid is not None)),
+            running_pids=tuple(sorted(w.pid for w in busy if w.pid is not None and w.task.started)),
             counters=dict(self._counters),
         )
 

@@ -54,7 +54,8 @@ class PoolStats:
     admitted: int
     capacity: int
     worker_pids: tuple[int, ...]
-    busy_pids: tuple[int, ...]
+    busy_pids: tuple[int, ...]  # handed a job
+    running_pids: tuple[int, ...]  # whose job has said it started (a job killed before that is retried)
     counters: dict[str, int]
 
 

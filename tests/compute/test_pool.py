@@ -111,11 +111,12 @@ async def test_a_job_past_its_timeout_gets_its_worker_killed_and_replaced(monkey
 async def test_a_worker_killed_mid_job_fails_that_job_only(monkeypatch: pytest.MonkeyPatch) -> None:
     async with started_pool(monkeypatch, workers=2) as pool:
         victim_job = asyncio.create_task(run(pool, job("sleep", [1.0], {"ms": 60_000})))
-        await await_until(lambda: bool(pool.stats().busy_pids))
-        (victim,) = pool.stats().busy_pids
+        # Started, not just handed over: a job killed before its worker began it is retried elsewhere.
+        await await_until(lambda: bool(pool.stats().running_pids), what="the job to start")
+        (victim,) = pool.stats().running_pids
         bystander = asyncio.create_task(run(pool, job("sleep", [2.0], {"ms": 300})))
         # The bystander runs on the other worker when the victim dies.
-        await await_until(lambda: len(pool.stats().busy_pids) == 2, what="both workers busy")
+        await await_until(lambda: len(pool.stats().running_pids) == 2, what="both workers running")
         os.kill(victim, signal.SIGKILL)
         with pytest.raises(WorkerCrashedError, match="SIGKILL"):
             await victim_job

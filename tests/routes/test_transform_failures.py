@@ -108,8 +108,10 @@ async def test_a_worker_killed_mid_job_gives_that_request_503_and_the_next_one_2
     async with running_gateway(compute_settings(workers=1, shm_threshold_bytes=1, load_plugins=False)) as gw:
         pool = gw.state.cpu
         request = asyncio.create_task(post_json(gw.url, "prime_count", [FOREVER_N]))
-        await await_until(lambda: bool(pool.stats().busy_pids), what="the job to start")
-        (victim,) = pool.stats().busy_pids
+        # Started, not just handed over: a job killed before its worker began it is retried on the replacement
+        # (it cannot be what killed the worker), and would then run until its timeout.
+        await await_until(lambda: bool(pool.stats().running_pids), what="the job to start")
+        (victim,) = pool.stats().running_pids
         assert len(segments()) == 2  # input and answer
         os.kill(victim, signal.SIGKILL)
         status, headers, payload = await request
