@@ -39,7 +39,7 @@ class Profile:
     connections: int = 32
     open_warmup_s: float = 0.5  # before each open-loop measurement (connections opened, not recorded)
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
-    fanout_variants: tuple[str, ...] = ("gateway", "gateway-asyncio", "floor", "fastapi", "threaded")
+    fanout_variants: tuple[str, ...] = ("gateway", "gateway-asyncio", "floor", "bare", "fastapi", "threaded")
 
 
 PROFILES = {
@@ -95,7 +95,7 @@ PROFILES = {
         overload_s=1,
         drain_load_s=1,
         fractions=(0.5,),
-        fanout_variants=("gateway", "floor"),
+        fanout_variants=("gateway", "floor", "bare"),
     ),
 }
 

@@ -17,7 +17,7 @@ from bench.profiling import profile_under_load
 from bench.stats import fmt_spread, linear_fit, paired_ratio, spread
 from bench.variants import VARIANTS, Variant, aggregate_body, upstream_names
 
-ORDER = ("gateway", "gateway-asyncio", "floor", "fastapi", "threaded")
+ORDER = ("gateway", "gateway-asyncio", "floor", "bare", "fastapi", "threaded")
 RATIO_GOALS = (  # (N, other variant, at least)
     (4, "floor", 0.7),
     (8, "floor", 0.7),
