@@ -50,7 +50,11 @@ LAYERS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("loop", "event loop and tasks (asyncio's Python code, uvloop)", ("asyncio/", "uvloop/", "selectors.py")),
 )  # fmt: skip
 OTHER = ("other", "other (no frame of a layer: the interpreter's start-up, threading)")
-LAYER_LABELS = {key: label for key, label, _ in LAYERS} | {OTHER[0]: OTHER[1]}
+# Prometheus scrapes are no request's work: the harness scrapes before and after each run, a deployment every few
+# seconds. Their samples are a layer of their own, whatever the innermost frame.
+SCRAPE = ("scrape", "/metrics scrapes (the harness's, around each run; not per request)")
+SCRAPE_FRAME = "generate_latest (prometheus_client/"
+LAYER_LABELS = {key: label for key, label, _ in LAYERS} | dict((OTHER, SCRAPE))
 # The event loop's thread is the main thread of `python -m app`: its stacks start here.
 MAIN_THREAD_ROOT = "_run_module_as_main"
 _LINE = re.compile(r":\d+\)$")
@@ -77,6 +81,8 @@ def layer_of(frame: str) -> str | None:
 def layer_of_stack(frames: list[str]) -> str:
     """Self time goes to the innermost frame that belongs to a layer. Time in C extensions (orjson, httptools,
     uvloop's loop, aiohttp's parser) has no frame of its own: it counts to the Python function that called it."""
+    if any(frame.startswith(SCRAPE_FRAME) for frame in frames):
+        return SCRAPE[0]
     for frame in reversed(frames):
         key = layer_of(frame)
         if key is not None:

@@ -14,7 +14,7 @@ import orjson
 
 from bench.harness import Bench, Goal
 from bench.procs import http_request
-from bench.profiling import LAYER_LABELS, profile_under_load
+from bench.profiling import LAYER_LABELS, SCRAPE, profile_under_load
 from bench.stats import fmt_spread, linear_fit, paired_ratio, spread
 from bench.variants import VARIANTS, Variant, aggregate_body, upstream_names
 
@@ -138,14 +138,20 @@ def profiles(bench: Bench, variants: dict[str, Variant], bodies: dict[int, Any])
 
 
 def layer_costs(result: dict[str, Any], n: int, key: str) -> dict[str, tuple[float, float | None]] | None:
-    """Per layer: the share of the variant's profiled CPU and, from it, µs per request (the share times the median
-    CPU per request of the unprofiled rounds at this N)."""
+    """Per layer: the share of the variant's profiled CPU and, from it, µs per request: the layer's share of the
+    per-request samples (all but scrapes) times the median CPU per request of the unprofiled rounds at this N, whose
+    CPU is counted between the scrapes."""
     prof = (result.get("profiles") or {}).get(n, {}).get(key) or {}
     if "layers" not in prof:
         return None
     cpu = result["summary"][n].get(key, {}).get("cpu_us_per_req")
-    per_req = cpu["median"] if cpu else None
-    return {layer: (share, None if per_req is None else share * per_req) for layer, share in prof["layers"].items()}
+    layers: dict[str, float] = prof["layers"]
+    per_request = 1.0 - layers.get(SCRAPE[0], 0.0)
+    scale = cpu["median"] / per_request if cpu and per_request > 0 else None
+    return {
+        layer: (share, None if scale is None or layer == SCRAPE[0] else share * scale)
+        for layer, share in layers.items()
+    }
 
 
 def why(result: dict[str, Any]) -> str:
@@ -342,9 +348,11 @@ def layer_tables(result: dict[str, Any]) -> list[str]:
                 "time is charged to its innermost frame that belongs to a layer, by the file that frame's code is "
                 "in (`LAYERS` in `bench/profiling.py`); standard-library helpers (enum, typing, contextlib, ...) "
                 "count to their caller, and C extensions (orjson, httptools, uvloop's loop, aiohttp's parser) to "
-                "the Python function that called them. Shares are of the time the thread was running, so they sum "
-                "to 100 %; µs per request are the share times the median CPU per request of the unprofiled runs "
-                "at that N. Collapsed stacks are kept next to the results (`profile-<variant>-fanout-n<N>.txt`).",
+                "the Python function that called them (the loop's own work, I/O included, to `Runner.run`, "
+                "which entered it). Shares are of the time the thread was running, so they sum "
+                "to 100 %; µs per request are the share of the samples outside scrapes times the median CPU per "
+                "request of the unprofiled runs at that N. Collapsed stacks are kept next to the results "
+                "(`profile-<variant>-fanout-n<N>.txt`).",
             ]
         samples = ", ".join(f"{VARIANTS[k].label} {by_variant[k]['samples']}" for k in keys)
         lines += [

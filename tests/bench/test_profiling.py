@@ -20,7 +20,8 @@ SAMPLE = [
     f"{FRONT};Aggregator._one (app/aggregate/execute.py:90);call_once (app/upstream/call.py:70);ClientSession._request (aiohttp/client.py:500) 25",  # noqa: E501
     f"{FRONT};Logger.info (logging/__init__.py:1489) 4",
     f"{FRONT};Histogram.observe (prometheus_client/metrics.py:600) 3",
-    f"{LOOP};Task.__step (asyncio/tasks.py:267) 6",
+    f"{LOOP};Task.__step (asyncio/tasks.py:267) 5",
+    f"{FRONT};metrics (app/routes/metrics.py:28);generate_latest (prometheus_client/exposition.py:343) 1",
     f"{ROOT} 2",  # no frame of any layer
     "Thread._bootstrap (threading.py:995);Watchdog.run (app/observability/blocking.py:40) 50",  # not the loop's thread
     "garbage without a count",
@@ -53,8 +54,9 @@ def test_layer_shares_are_self_time_of_the_loop_thread_and_sum_to_one() -> None:
             "logging": 0.04,
             "metrics": 0.03,
             "endpoint": 0.0,
-            "loop": 0.06,
+            "loop": 0.05,
             "other": 0.02,
+            "scrape": 0.01,  # a /metrics scrape, whatever its innermost frame
         }
     )
     assert sum(layers.values()) == pytest.approx(1.0)
