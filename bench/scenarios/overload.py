@@ -202,7 +202,15 @@ def goals(bench: Bench, result: dict[str, Any], mode: Mode) -> None:
     overflows = m["listen_overflows"]
     goodput = over["goodput"]
     shed = over["statuses"].get("503", 0)
-    note_shed = "" if shed else "no request was shed: admission control is not available in this build"
+    if shed:
+        note_shed = ""
+    elif result.get("admission_limit") is None:
+        note_shed = "no request was shed: admission control is not available in this build"
+    else:
+        note_shed = (
+            "no request was refused: the excess never reached the admission check (it waited in the kernel's "
+            "listen queue or for a connection)"
+        )
     p99_base = base["latency_ok_us"]["p99"] / 1000
     p99_over = over["latency_ok_us"]["p99"] / 1000
     shed_lat = over["latency_503_us"]
@@ -294,8 +302,8 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
         f"## Overload (N = {result['n']}, zero-latency upstreams)",
         "",
         f"Ceiling {result['ceiling']:.0f} req/s (closed loop, keep-alive). Open loop at 75 % of it, then at 3× for "
-        f"{any_mode['over']['duration_s']:g} s, in two connection modes: **"
-        + "**, **".join(f"{m['label']}** (at most {m['connections']} connections)" for m in modes.values())
+        f"{any_mode['over']['duration_s']:g} s, in two connection modes: "
+        + " and ".join(f"**{m['label']}** (at most {m['connections']} connections)" for m in modes.values())
         + ". The pool keeps its connections alive and opens one only when every open one is busy and a request is "
         "waiting, as a load balancer does; a fresh connection per request (connect, one request with `Connection: "
         "close`, close) puts the gateway's accept path and the kernel's listen queue on every request's way. "
