@@ -2,7 +2,8 @@
 
 Ceilings come from closed-loop runs, interleaved round by round (each round measures every variant once, in a
 rotated order); ratios are taken within a round, then the median. Latency percentiles come from open-loop runs at
-25/50/75 % of the slowest variant's ceiling, every variant at the same offered rates.
+25/50/75 % of the slowest variant's ceiling, every variant at the same offered rates. Last, py-spy profiles of the
+gateway and of the bare stack (its own stack without it) at the narrowest and the widest N, reduced to CPU per layer.
 """
 
 from __future__ import annotations
