@@ -166,7 +166,8 @@ def why(result: dict[str, Any]) -> str:
         return ""
     cpu = result["summary"][n]
     per_req = {k: s["cpu_us_per_req"]["median"] for k, s in cpu.items() if s.get("cpu_us_per_req")}
-    vs = ", ".join(f"the {k}'s {per_req[k]:.0f} µs" for k in ("bare", "floor") if k in per_req)
+    names = {"bare": "the bare stack's", "floor": "the floor's"}
+    vs = ", ".join(f"{names[k]} {per_req[k]:.0f} µs" for k in names if k in per_req)
     head = f"The gateway spends {per_req.get('gateway', 0):.0f} µs CPU per request at N = {n}" + (
         f" against {vs}." if vs else "."
     )
@@ -222,10 +223,7 @@ def goals(bench: Bench, result: dict[str, Any]) -> None:
                 f"gateway on uvloop ≥ {target:g}× itself on asyncio's loop at N = {' and '.join(map(str, ns))}",
                 ", ".join(f"N = {n}: {fmt_spread(r, '{:.2f}')}×" for n, r in uvloop.items()),
                 met,
-                ""
-                if met
-                else "paired within rounds; uvloop gives the bare stack and the floor their gain, so the "
-                "gateway's own per-request Python outweighs what uvloop saves (see the per-layer profile)",
+                "" if met else "paired within rounds; where the loop's time goes: the per-layer profile below",
             )
         )
     lags = {n: s["gateway"]["loop_lag_p99_ms"] for n, s in result["summary"].items() if "gateway" in s}
