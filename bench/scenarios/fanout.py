@@ -176,12 +176,16 @@ def why(result: dict[str, Any]) -> str:
         mine = gw[layer][1] or 0.0
         return mine - ((bare[layer][1] or 0.0) if bare else 0.0)
 
+    if gw[next(iter(gw))][1] is None:
+        return head  # no CPU per request to price the shares with
     biggest = sorted(gw, key=extra, reverse=True)[:3]
     parts = ", ".join(
-        f"{LAYER_LABELS[k].split(' (')[0]} {gw[k][0]:.0%} ({gw[k][1]:.0f} µs)" if gw[k][1] is not None else ""
+        f"{LAYER_LABELS[k].split(' (')[0]} {gw[k][1] or 0:.0f} µs"
+        + (f" (bare stack {bare[k][1] or 0:.0f})" if bare else "")
         for k in biggest
     )
-    return f"{head} Its largest layers beyond the bare stack's (py-spy self time): {parts}."
+    what = "largest excess over the bare stack" if bare else "largest layers"
+    return f"{head} By layer (py-spy self time), the gateway's {what}: {parts}."
 
 
 REMEDY = (
