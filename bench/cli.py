@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"unknown scenarios: {', '.join(unknown)}", file=sys.stderr)
         return 2
     stamp = datetime.datetime.now(datetime.UTC)
-    out = args.out or ROOT / "bench" / "results" / f"{profile.name}-{stamp:%Y%m%dT%H%M%SZ}"
+    # Absolute: services (nginx) are started with paths under it from their own working directories.
+    out = (args.out or ROOT / "bench" / "results" / f"{profile.name}-{stamp:%Y%m%dT%H%M%SZ}").resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
 

@@ -39,7 +39,7 @@ class Profile:
     connections: int = 32
     open_warmup_s: float = 0.5  # before each open-loop measurement (connections opened, not recorded)
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
-    fanout_variants: tuple[str, ...] = ("gateway", "gateway-asyncio", "floor", "fastapi", "threaded")
+    fanout_variants: tuple[str, ...] = ("gateway", "gateway-asyncio", "floor", "bare", "fastapi", "threaded")
 
 
 PROFILES = {
@@ -95,7 +95,7 @@ PROFILES = {
         overload_s=1,
         drain_load_s=1,
         fractions=(0.5,),
-        fanout_variants=("gateway", "floor"),
+        fanout_variants=("gateway", "floor", "bare"),
     ),
 }
 
@@ -300,6 +300,7 @@ class Bench:
         grace: float = 5.0,
         readyz: str | None = None,
         content_type: str = "application/json",
+        fresh: bool = False,
     ) -> list[str]:
         argv = [
             *self.pinning.prefix(self.pinning.load),
@@ -325,6 +326,8 @@ class Bench:
             argv += ["--rate", f"{rate:.1f}"]
         if readyz is not None:
             argv += ["--readyz", readyz]
+        if fresh:
+            argv.append("--fresh-connections")
         return argv
 
     def loadgen(self, url: str, body: Path | None, *, seconds: float, **kw: Any) -> dict[str, Any]:
@@ -344,12 +347,14 @@ class Bench:
         seconds: float,
         path: str = "/aggregate",
         warmup: float | None = None,
+        **kw: Any,
     ) -> dict[str, Any]:
-        """Open loop at ``rate``: latency percentiles measured from each request's intended send time."""
+        """Open loop at ``rate``: latency percentiles measured from each request's intended send time. ``kw`` goes
+        to the generator (``connections``, ``fresh``)."""
         warmup = self.profile.open_warmup_s if warmup is None else warmup
         before = self.scrape(variant)
         cpu0, core0, t0 = variant.service.cpu_seconds(), self.pinning.server_busy_s(), time.monotonic()
-        g = self.loadgen(variant.url + path, body, seconds=seconds, rate=rate, warmup=warmup)
+        g = self.loadgen(variant.url + path, body, seconds=seconds, rate=rate, warmup=warmup, **kw)
         cpu1, core1, elapsed = variant.service.cpu_seconds(), self.pinning.server_busy_s(), time.monotonic() - t0
         g.update(self._interference(core1 - core0 - (cpu1 - cpu0), elapsed))
         g["cpu_us_per_req"] = round((cpu1 - cpu0) / max(1, g["completed"] + g["warmup_done"]) * 1e6, 1)

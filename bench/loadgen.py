@@ -10,6 +10,13 @@ Cheap per request (one pre-encoded request, a minimal response parser, uvloop) s
 thousand requests per second from one core. Its own lateness (``send_lag``: time from a request's intended time to
 the moment it was written) is reported, so a saturated generator is visible rather than blamed on the server.
 
+Connections, in open loop, are used as a load balancer uses its pool: kept alive, one request at a time each, a new
+one opened only when every open one is busy and a request is waiting, up to ``--connections``. With
+``--fresh-connections`` every request gets a connection of its own instead (connect, one request with ``Connection:
+close``, close), as clients without a pool do: then the server's accept path and the kernel's listen queue are on
+every request's way, and a request's latency (still from its intended time) includes its connect. Connects are timed
+on their own (``connect_us``), and those that fail are counted apart from those that time out.
+
 Run as ``python -m bench.loadgen --url http://127.0.0.1:8080/aggregate --rate 500 --duration 10 ...``; prints one
 JSON object on stdout. With ``--readyz URL`` it behaves like a load balancer: it polls the URL every 100 ms (a
 fresh connection per probe) and stops sending new requests once it answers anything but 200.
@@ -68,6 +75,7 @@ class Options:
     warmup_s: float
     grace_s: float
     readyz: tuple[str, int, str] | None = None
+    fresh: bool = False  # a new connection per request (open loop only)
 
 
 @dataclass
@@ -76,6 +84,7 @@ class Results:
     shed: HdrHistogram = field(default_factory=new_histogram)  # 503
     everything: HdrHistogram = field(default_factory=new_histogram)  # all outcomes, failures at their time
     send_lag: HdrHistogram = field(default_factory=new_histogram)
+    connect: HdrHistogram = field(default_factory=new_histogram)  # from the start of a connect to its completion
     statuses: collections.Counter[int] = field(default_factory=collections.Counter)
     errors: collections.Counter[str] = field(default_factory=collections.Counter)
     scheduled: int = 0
@@ -185,7 +194,7 @@ class Connection(asyncio.Protocol):
         self.remaining = None
         assert item is not None
         self.gen.done(item, self.status, self.retry_after)
-        if self.close_after:
+        if self.close_after or self.gen.opts.fresh:
             self._abort()
         else:
             self.gen.idle(self)
@@ -299,17 +308,20 @@ class Generator:
             self.loop.create_task(self._connect())
 
     async def _connect(self) -> None:
+        started = time.perf_counter()
         try:
             _, conn = await asyncio.wait_for(
                 self.loop.create_connection(lambda: Connection(self), self.opts.host, self.opts.port),
                 CONNECT_TIMEOUT_S,
             )
-        except (OSError, TimeoutError):
+        except (OSError, TimeoutError) as exc:
             self.connecting -= 1
             if self.queue:  # nowhere to send it: the oldest waiting request fails
-                self._failed(self.queue.popleft(), "connect")
+                # TimeoutError is an OSError too: the handshake never completed (SYNs dropped, not refused).
+                self._failed(self.queue.popleft(), "connect_timeout" if isinstance(exc, TimeoutError) else "connect")
             return
         self.connecting -= 1
+        self.results.connect.record_value(min(MAX_LATENCY_US, max(1, int((time.perf_counter() - started) * 1e6))))
         self.results.connections_opened += 1
         self.conns.add(conn)
         self.idle(conn)
@@ -344,8 +356,10 @@ class Generator:
     async def _open_loop(self, start: float, end: float, rate: float) -> None:
         interval = 1.0 / rate
         i = 0
-        # Enough connections for the expected concurrency at a couple of milliseconds each, opened up front.
-        self._open_more(min(self.opts.connections, max(4, int(rate * 0.004) + 2)))
+        # Enough connections for the expected concurrency at a couple of milliseconds each, opened up front (none
+        # with a connection per request: each request's connect is part of its latency).
+        if not self.opts.fresh:
+            self._open_more(min(self.opts.connections, max(4, int(rate * 0.004) + 2)))
         while not self.stop_sending:
             due = start + i * interval
             if due >= end:
@@ -401,8 +415,12 @@ async def _probe_once(host: str, port: int, request: bytes) -> int:
         writer.close()
 
 
-def build_request(method: str, host: str, port: int, path: str, body: bytes, content_type: str | None) -> bytes:
+def build_request(
+    method: str, host: str, port: int, path: str, body: bytes, content_type: str | None, *, close: bool = False
+) -> bytes:
     lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "User-Agent: bench-loadgen"]
+    if close:
+        lines.append("Connection: close")
     if body or method in ("POST", "PUT", "PATCH"):
         lines.append(f"Content-Length: {len(body)}")
         if content_type:
@@ -425,6 +443,7 @@ def report(opts: Options, r: Results) -> dict[str, Any]:
     ok = sum(n for status, n in r.statuses.items() if 200 <= status < 300)
     return {
         "mode": "closed" if opts.rate is None else "open",
+        "connection_mode": "fresh" if opts.fresh else "keep-alive",
         "offered_rate": opts.rate,
         "connections": opts.connections,
         "duration_s": measured,
@@ -443,6 +462,7 @@ def report(opts: Options, r: Results) -> dict[str, Any]:
         "latency_503_us": summarize(r.shed),
         "latency_all_us": summarize(r.everything),
         "send_lag_us": summarize(r.send_lag),
+        "connect_us": summarize(r.connect),
         "connections_opened": r.connections_opened,
         "not_sent_unready": r.not_sent_unready,
         "unready_at_s": r.unready_at_s,
@@ -469,7 +489,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=float, default=0.0, help="seconds before measuring (not recorded)")
     p.add_argument("--grace", type=float, default=5.0, help="seconds to wait for late answers")
     p.add_argument("--readyz", help="behave like a load balancer polling this URL")
+    p.add_argument(
+        "--fresh-connections", action="store_true", help="open loop: a new connection per request, closed after it"
+    )
     args = p.parse_args(argv)
+    if args.fresh_connections and args.rate is None:
+        raise SystemExit("--fresh-connections needs --rate (open loop)")
     if args.duration <= 0 or args.duration > 600 or (args.rate is not None and not 0 < args.rate <= 100_000):
         raise SystemExit("duration must be in (0, 600] s and rate in (0, 100000]")
     host, port, path = _split(args.url)
@@ -482,13 +507,14 @@ def main(argv: list[str] | None = None) -> None:
     opts = Options(
         host=host,
         port=port,
-        request=build_request(args.method, host, port, path, body, args.content_type),
+        request=build_request(args.method, host, port, path, body, args.content_type, close=args.fresh_connections),
         rate=args.rate,
         connections=max(1, args.connections),
         duration_s=args.duration,
         warmup_s=args.warmup,
         grace_s=args.grace,
         readyz=_split(args.readyz) if args.readyz else None,
+        fresh=args.fresh_connections,
     )
     import uvloop
 

@@ -48,7 +48,10 @@ def markdown(bench: Bench, meta: dict[str, Any], sections: list[tuple[str, Secti
         "Variants: **gateway** with every feature on (limits, deadlines, retries, circuit breakers, Prometheus "
         "metrics, one JSON log line per request; `bench/variants.py` has its config), on uvloop and on asyncio's "
         "own loop; **floor**, the least Python can do for the same fan-out (aiohttp server, one `ClientSession`, "
-        "`asyncio.gather`, no limits, retries or metrics); **typical FastAPI** (httpx `AsyncClient` and "
+        "`asyncio.gather`, no limits, retries or metrics); **bare stack**, the gateway's own stack without the gateway "
+        "(uvicorn with uvloop and httptools, a bare ASGI callable doing the floor's fan-out with one aiohttp "
+        "`ClientSession` and orjson): the gateway's distance from it is what its own per-request work costs; "
+        "**typical FastAPI** (httpx `AsyncClient` and "
         "`asyncio.gather`, as tutorials write it); **threaded** (a sync endpoint, `ThreadPoolExecutor(max_workers="
         "10)` and `requests`). The references are in `bench/refs/`. Every source of an aggregate is its own "
         "upstream (u0, u1, ...), all served by the same upstream process.",

@@ -58,7 +58,13 @@ def ensure_tools(*, install: bool, say: Callable[[str], None]) -> dict[str, str 
         with _services_not_started():
             done = subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
             if done.returncode != 0:
-                subprocess.run(["apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-q"], env=env, capture_output=True, timeout=600, check=False)
+                subprocess.run(
+                    ["apt-get", "-o", "DPkg::Lock::Timeout=600", "update", "-q"],
+                    env=env,
+                    capture_output=True,
+                    timeout=600,
+                    check=False,
+                )
                 done = subprocess.run(cmd, env=env, capture_output=True, timeout=600, check=False)
         if done.returncode != 0:
             say(f"apt-get failed: {done.stderr.decode(errors='replace')[-500:]}")

@@ -1,4 +1,4 @@
-"""The variants under test: the gateway (uvloop and asyncio loops) and the three reference implementations, how
+"""The variants under test: the gateway (uvloop and asyncio loops) and the four reference implementations, how
 to start each, and the gateway's config (every feature on: limits, deadlines, retries, breakers, metrics, logs)."""
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ VARIANTS: dict[str, VariantSpec] = {
         VariantSpec("gateway", "gateway (uvloop)", loop="uvloop"),
         VariantSpec("gateway-asyncio", "gateway (asyncio loop)", loop="asyncio"),
         VariantSpec("floor", "floor: raw aiohttp", module="bench.refs.floor"),
+        VariantSpec("bare", "bare stack: uvicorn + ASGI + aiohttp", module="bench.refs.bare"),
         VariantSpec("fastapi", "typical FastAPI + httpx", module="bench.refs.fastapi_httpx"),
         VariantSpec("threaded", "threaded: requests + ThreadPoolExecutor", module="bench.refs.threaded"),
     )

@@ -2,28 +2,32 @@
 
 Ceilings come from closed-loop runs, interleaved round by round (each round measures every variant once, in a
 rotated order); ratios are taken within a round, then the median. Latency percentiles come from open-loop runs at
-25/50/75 % of the slowest variant's ceiling, every variant at the same offered rates.
+25/50/75 % of the slowest variant's ceiling, every variant at the same offered rates. Last, py-spy profiles of the
+gateway and of the bare stack (its own stack without it) at the narrowest and the widest N, reduced to CPU per layer.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import orjson
 
 from bench.harness import Bench, Goal
 from bench.procs import http_request
-from bench.profiling import profile_under_load
+from bench.profiling import LAYER_LABELS, SCRAPE, profile_under_load
 from bench.stats import fmt_spread, linear_fit, paired_ratio, spread
 from bench.variants import VARIANTS, Variant, aggregate_body, upstream_names
 
-ORDER = ("gateway", "gateway-asyncio", "floor", "fastapi", "threaded")
+ORDER = ("gateway", "gateway-asyncio", "floor", "bare", "fastapi", "threaded")
 RATIO_GOALS = (  # (N, other variant, at least)
     (4, "floor", 0.7),
     (8, "floor", 0.7),
     (8, "fastapi", 2.0),
     (8, "threaded", 5.0),
 )
+UVLOOP_GOAL = (4, 8), 1.1  # gateway on uvloop over itself on asyncio's loop, at these N
+LAG_GOAL_MS = 10.0  # loop-lag p99 at fan-out saturation (the closed-loop runs), at every N
 
 
 def check_answers(variant: Variant, body: bytes, n: int) -> None:
@@ -90,16 +94,7 @@ def run(bench: Bench) -> dict[str, Any]:
             result["cpu_slope"][key] = {"us_per_upstream_call": round(fit[0], 1), "us_fixed": round(fit[1], 1)}
 
     result["open_loop"] = open_loop(bench, variants, bodies[p.open_loop_n], p.open_loop_n, result)
-    gateway = variants["gateway"]
-    n = max(p.fanout_ns)
-    seconds = max(2.0, p.ceiling_s)
-    result["profile"] = profile_under_load(
-        gateway.service.pid,
-        seconds,
-        lambda: bench.closed(gateway, bodies[n], seconds=seconds + 1),
-        bench.workdir.parent / f"profile-gateway-fanout-n{n}.txt",
-    )
-    result["profile"]["n"] = n
+    result["profiles"] = profiles(bench, variants, bodies)
     bench.stop(variants.values())
     goals(bench, result)
     return result
@@ -121,24 +116,76 @@ def open_loop(bench: Bench, variants: dict[str, Variant], body: Any, n: int, res
     return out
 
 
+PROFILED = ("gateway", "bare")  # the gateway, and its own stack without it
+
+
+def profiles(bench: Bench, variants: dict[str, Variant], bodies: dict[int, Any]) -> dict[int, dict[str, Any]]:
+    """py-spy profiles of the gateway and of the bare stack under closed-loop load, at the narrowest and the widest
+    fan-out: where each spends its CPU, by layer."""
+    p = bench.profile
+    seconds = max(2.0, p.ceiling_s)
+    out: dict[int, dict[str, Any]] = {}
+    for n in sorted({min(p.fanout_ns), max(p.fanout_ns)}):
+        out[n] = {}
+        for key in PROFILED:
+            if key not in variants:
+                continue
+            v = variants[key]
+            load = functools.partial(bench.closed, v, bodies[n], seconds=seconds + 1)
+            out[n][key] = profile_under_load(
+                v.service.pid, seconds, load, bench.workdir.parent / f"profile-{key}-fanout-n{n}.txt"
+            )
+    return out
+
+
+def layer_costs(result: dict[str, Any], n: int, key: str) -> dict[str, tuple[float, float | None]] | None:
+    """Per layer: the share of the variant's profiled CPU and, from it, µs per request: the layer's share of the
+    per-request samples (all but scrapes) times the median CPU per request of the unprofiled rounds at this N, whose
+    CPU is counted between the scrapes."""
+    prof = (result.get("profiles") or {}).get(n, {}).get(key) or {}
+    if "layers" not in prof:
+        return None
+    cpu = result["summary"][n].get(key, {}).get("cpu_us_per_req")
+    layers: dict[str, float] = prof["layers"]
+    per_request = 1.0 - layers.get(SCRAPE[0], 0.0)
+    scale = cpu["median"] / per_request if cpu and per_request > 0 else None
+    return {
+        layer: (share, None if scale is None or layer == SCRAPE[0] else share * scale)
+        for layer, share in layers.items()
+    }
+
+
 def why(result: dict[str, Any]) -> str:
-    """What the gateway's loop thread spent its CPU on, from its own profile of this run."""
-    prof = result.get("profile") or {}
-    b = prof.get("breakdown")
-    if not b:
+    """Where the gateway's loop thread spends its CPU beyond what the bare stack spends, from the profiles."""
+    profs = result.get("profiles") or {}
+    if not profs:
         return ""
-    framework = max(0.0, b["request_handling"] - b["endpoint"])
-    own = max(0.0, b["sources"] - b["http_client"])
-    cpu = result["summary"][prof["n"]]
-    gw, floor = cpu["gateway"]["cpu_us_per_req"], cpu.get("floor", {}).get("cpu_us_per_req")
-    per_req = f"{gw['median']:.0f} µs CPU per request at N = {prof['n']}" if gw else ""
-    vs = f" against the floor's {floor['median']:.0f} µs" if floor else ""
-    return (
-        f"The gateway spends {per_req}{vs}. Its profile (py-spy): {framework:.0%} of its CPU in the front layer and "
-        f"framework outside the endpoint (cross-cutting rules, routing, body, validation, response), {own:.0%} in "
-        f"its own per-source code outside the HTTP client (limits, deadline, retries, breaker, metrics, trace "
-        f"context, one task per source), {b['http_client']:.0%} in aiohttp's client, which the floor pays too."
+    n = max(profs)
+    gw, bare = layer_costs(result, n, "gateway"), layer_costs(result, n, "bare")
+    if gw is None:
+        return ""
+    cpu = result["summary"][n]
+    per_req = {k: s["cpu_us_per_req"]["median"] for k, s in cpu.items() if s.get("cpu_us_per_req")}
+    names = {"bare": "the bare stack's", "floor": "the floor's"}
+    vs = ", ".join(f"{names[k]} {per_req[k]:.0f} µs" for k in names if k in per_req)
+    head = f"The gateway spends {per_req.get('gateway', 0):.0f} µs CPU per request at N = {n}" + (
+        f" against {vs}." if vs else "."
     )
+
+    def extra(layer: str) -> float:
+        mine = gw[layer][1] or 0.0
+        return mine - ((bare[layer][1] or 0.0) if bare else 0.0)
+
+    if gw[next(iter(gw))][1] is None:
+        return head  # no CPU per request to price the shares with
+    biggest = sorted(gw, key=extra, reverse=True)[:3]
+    parts = ", ".join(
+        f"{LAYER_LABELS[k].split(' (')[0]} {gw[k][1] or 0:.0f} µs"
+        + (f" (bare stack {bare[k][1] or 0:.0f})" if bare else "")
+        for k in biggest
+    )
+    what = "largest excess over the bare stack" if bare else "largest layers"
+    return f"{head} By layer (py-spy self time), the gateway's {what}: {parts}."
 
 
 REMEDY = (
@@ -168,6 +215,35 @@ def goals(bench: Bench, result: dict[str, Any]) -> None:
                 met,
                 "" if met else note,
                 "" if met else REMEDY,
+            )
+        )
+    ns, target = UVLOOP_GOAL
+    uvloop = {n: result["ratios"].get(n, {}).get("gateway-asyncio") for n in ns}
+    if any(r is not None for r in uvloop.values()):
+        met = all(r is not None and r["median"] >= target for r in uvloop.values())
+        bench.goals.append(
+            Goal(
+                "fan-out",
+                f"gateway on uvloop ≥ {target:g}× itself on asyncio's loop at N = {' and '.join(map(str, ns))}",
+                ", ".join(f"N = {n}: {fmt_spread(r, '{:.2f}')}×" for n, r in uvloop.items()),
+                met,
+                "" if met else "paired within rounds; where the loop's time goes: the per-layer profile below",
+            )
+        )
+    lags = {n: s["gateway"]["loop_lag_p99_ms"] for n, s in result["summary"].items() if "gateway" in s}
+    if lags:
+        worst = [lag["median"] for lag in lags.values() if lag is not None]
+        met_lag = bool(worst) and len(worst) == len(lags) and max(worst) < LAG_GOAL_MS
+        bench.goals.append(
+            Goal(
+                "fan-out",
+                f"loop-lag p99 at fan-out saturation < {LAG_GOAL_MS:g} ms",
+                ", ".join(f"N = {n}: {fmt_spread(lag, '{:.1f}')} ms" for n, lag in lags.items()),
+                met_lag if worst else None,
+                ""
+                if met_lag
+                else "gateway on uvloop, closed loop (median over rounds, from its own histogram); a "
+                "loop lag sample waits behind every callback that is due before it",
             )
         )
 
@@ -234,22 +310,68 @@ def markdown(result: dict[str, Any], bench: Bench) -> list[str]:
                     f"| {lat['max'] / 1000:.2f} | {lat['count']} "
                     f"| {bad} | {r.get('loop_lag_p99_ms', '–')} |"
                 )
-    prof = result.get("profile")
-    if prof and "top_self" in prof:
-        b = prof["breakdown"]
+    lines += uvloop_and_lag(result)
+    lines += layer_tables(result)
+    return lines
+
+
+def uvloop_and_lag(result: dict[str, Any]) -> list[str]:
+    if not any("gateway-asyncio" in r for r in result["ratios"].values()):
+        return []
+    lines = [
+        "",
+        "The gateway on uvloop against itself on asyncio's own loop (throughput, paired within rounds), and its "
+        "loop lag at saturation (p99 over each closed-loop run, from its own histogram; median over rounds):",
+        "",
+        "| N | uvloop / asyncio | loop lag p99 ms, uvloop | loop lag p99 ms, asyncio |",
+        "|---|---|---|---|",
+    ]
+    for n, ratios in result["ratios"].items():
+        per = result["summary"][n]
+        lags = [fmt_spread(per.get(k, {}).get("loop_lag_p99_ms"), "{:.1f}") for k in ("gateway", "gateway-asyncio")]
+        lines.append(f"| {n} | {fmt_spread(ratios.get('gateway-asyncio'), '{:.2f}')}× | {lags[0]} | {lags[1]} |")
+    return lines
+
+
+def layer_tables(result: dict[str, Any]) -> list[str]:
+    """One table per profiled N: the share of each layer in the gateway's and the bare stack's CPU."""
+    profs: dict[int, dict[str, Any]] = result.get("profiles") or {}
+    lines: list[str] = []
+    for n, by_variant in profs.items():
+        gw = by_variant.get("gateway", {})
+        if "layers" not in gw:
+            lines += ["", f"Profile at N = {n} not taken: {gw.get('error', 'no samples')}"]
+            continue
+        keys = [k for k in PROFILED if "layers" in by_variant.get(k, {})]
+        costs = {k: layer_costs(result, n, k) or {} for k in keys}
+        if n == min(profs):
+            lines += [
+                "",
+                "Where the CPU goes, by layer (py-spy under closed-loop load, event-loop thread only): each sample's "
+                "time is charged to its innermost frame that belongs to a layer, by the file that frame's code is "
+                "in (`LAYERS` in `bench/profiling.py`); standard-library helpers (enum, typing, contextlib, ...) "
+                "count to their caller, and C extensions (orjson, httptools, uvloop's loop, aiohttp's parser) to "
+                "the Python function that called them (the loop's own work, I/O included, to `Runner.run`, "
+                "which entered it). Shares are of the time the thread was running, so they sum "
+                "to 100 %; µs per request are the share of the samples outside scrapes times the median CPU per "
+                "request of the unprofiled runs at that N. Collapsed stacks are kept next to the results "
+                "(`profile-<variant>-fanout-n<N>.txt`).",
+            ]
+        samples = ", ".join(f"{VARIANTS[k].label} {by_variant[k]['samples']}" for k in keys)
         lines += [
             "",
-            f"Where the gateway's event-loop thread spends its CPU at N = {prof['n']} under closed-loop load (py-spy, "
-            f"{prof['samples']} samples; collapsed stacks in `{prof['file']}` next to the results): "
-            f"request handling (front layer, framework) {b['request_handling']:.0%} (of which the endpoint "
-            f"{b['endpoint']:.0%}), the sources' tasks {b['sources']:.0%} (of which aiohttp's client "
-            f"{b['http_client']:.0%}). Top functions by self time:",
+            f"N = {n} (samples: {samples}):",
             "",
-            "| function | self |",
-            "|---|---|",
+            "| layer | " + " | ".join(f"{VARIANTS[k].label} share | µs/req" for k in keys) + " |",
+            "|---" * (1 + 2 * len(keys)) + "|",
         ]
-        for name, share in prof["top_self"][:12]:
-            lines.append(f"| `{name}` | {share:.1%} |")
-    elif prof:
-        lines += ["", f"Profile not taken: {prof.get('error')}"]
+        for layer, label in LAYER_LABELS.items():
+            cells = []
+            for k in keys:
+                share, us = costs[k].get(layer, (0.0, None))
+                cells += [f"{share:.0%}", "–" if us is None else f"{us:.0f}"]
+            if any(costs[k].get(layer, (0.0, None))[0] for k in keys):
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        top = ", ".join(f"`{name}` {share:.1%}" for name, share in gw["top_self"][:5])
+        lines += ["", f"The gateway's top functions by self time at N = {n}: {top}."]
     return lines

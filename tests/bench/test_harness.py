@@ -53,6 +53,27 @@ def test_open_loop_generator_counts_every_request(tmp_path: Path) -> None:
     assert 5_000 <= result["latency_ok_us"]["p50"] < 1_000_000  # never below the upstream's latency
 
 
+def test_fresh_connection_mode_opens_one_connection_per_request(tmp_path: Path) -> None:
+    port = free_port()
+    argv = [sys.executable, "-m", "bench.upstreams.delay", "--port", str(port), "--latency-ms", "2"]
+    upstream = Service("delay", argv, cpus=None, health_url=f"http://127.0.0.1:{port}/healthz", log_dir=tmp_path)
+    try:
+        upstream.start().wait_ready(timeout=20)
+        done = subprocess.run(
+            [sys.executable, "-m", "bench.loadgen", "--url", f"http://127.0.0.1:{port}/item", "--rate", "100",
+             "--duration", "1", "--fresh-connections"],
+            capture_output=True, timeout=30, check=True, cwd=ROOT,
+        )  # fmt: skip
+    finally:
+        upstream.stop()
+    result = json.loads(done.stdout)
+    assert result["connection_mode"] == "fresh"
+    assert result["ok"] == result["scheduled"] == 100
+    assert result["connections_opened"] == 100  # none reused
+    assert result["connect_us"]["count"] == 100
+    assert result["latency_ok_us"]["p50"] >= max(2_000, result["connect_us"]["p50"])  # the connect is in it
+
+
 @pytest.mark.bench
 @pytest.mark.slow
 @pytest.mark.timeout(120)
