@@ -190,13 +190,14 @@ def why(result: dict[str, Any]) -> str:
 
 REMEDY = (
     "send upstream calls with less of aiohttp's per-request machinery (its request and response objects, header "
-    "merging and timers are most of the HTTP client's share, now the largest), and fold the seven pure-ASGI "
-    "middleware layers, each of which wraps send, into fewer. Already done: POST /aggregate on a lean ASGI route "
-    "(the body validated by pydantic from bytes in one pass, no FastAPI routing or dependency solving: 0.81x the "
-    "CPU per request at N = 1), one deadline timer per request, metric children cached, trace ids without a "
-    "system call, no task factory, no cookie jar, and collector thresholds that cut garbage collection from "
-    "15-19 % of the CPU to about 3 % (app/lifecycle/heap.py). Measure each step with "
-    "`python -m bench.ab --against <rev>`, whose A/A control shows what this machine's noise is."
+    "merging and timers are most of the HTTP client's share, now the largest), and cut the event loop's own share "
+    "(callbacks, timers and tasks per request; compare the per-layer table with the bare stack's). Already done: one "
+    "ASGI front layer instead of seven middleware wrappers, POST /aggregate served from it (the body validated by "
+    "pydantic from bytes in one pass), one deadline timer per request, a lone source run in the request's own task, "
+    "client disconnects signalled by the protocol instead of a watcher task, metric children cached, trace ids "
+    "without a system call, no cookie jar, and collector thresholds that cut garbage collection from 15-19 % of "
+    "the CPU to about 3 % (app/lifecycle/heap.py). Measure each step with `python -m bench.ab --against <rev>`, "
+    "whose A/A control shows what this machine's noise is."
 )
 
 
