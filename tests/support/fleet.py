@@ -98,10 +98,10 @@ async def get(client: UpstreamClient, upstream: str, path: str, *, deadline_s: f
     return await client.call(upstream, out, deadline=deadline, headers={}, progress=Progress())
 
 
-async def until(condition: Callable[[], bool], *, timeout: float = 10.0, what: str = "condition") -> None:
+async def until(condition: Callable[[], bool], *, within_s: float = 10.0, what: str = "condition") -> None:
     """Poll ``condition`` on the loop (each poll lets it run) until it holds. Raises TimeoutError."""
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while not condition():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not hold within {timeout} s")
+            raise TimeoutError(f"{what} did not hold within {within_s} s")
         await asyncio.sleep(0.01)

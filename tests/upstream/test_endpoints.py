@@ -6,6 +6,7 @@ address is dialled."""
 from __future__ import annotations
 
 import asyncio
+import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -97,7 +98,8 @@ async def test_a_failing_endpoint_is_ejected_and_comes_back_on_its_own() -> None
             assert bad.count("/w") > before
             assert set(states(client).values()) == {"active"}
             pool = client.upstreams["u"].endpoints
-            assert pool is not None and pool.balancer.ejections == 1
+            assert pool is not None
+            assert pool.balancer.ejections == 1
 
 
 async def _fails(client: UpstreamClient) -> int:
@@ -124,7 +126,8 @@ async def test_max_ejection_percent_holds_when_every_endpoint_fails() -> None:
             for _ in range(20):
                 await _fails(client)
             grew = [after - was for after, was in zip(counts(servers), before, strict=True)]
-            assert sum(1 for g in grew if g > 0) == 2 and sum(grew) == 20
+            assert sum(1 for g in grew if g > 0) == 2
+            assert sum(grew) == 20
 
 
 async def test_an_endpoint_that_fails_its_health_checks_is_ejected_without_traffic() -> None:
@@ -167,7 +170,8 @@ async def test_dns_refresh_adds_and_removes_endpoints() -> None:
             for _ in range(20):
                 await get(client, "u", "/w")
             after = counts(servers, "/api/w")
-            assert after[:2] == before[:2] and after[2] == before[2] + 20
+            assert after[:2] == before[:2]
+            assert after[2] == before[2] + 20
 
             # A failed lookup keeps the last answer: the upstream is not emptied by a DNS outage.
             del zone.names["users.test"]
@@ -207,7 +211,8 @@ async def test_no_call_is_lost_while_an_endpoint_drains() -> None:
                 done = len(outcomes)
                 await until(lambda: len(outcomes) >= done + 40, what="40 more calls")
                 stop.set()
-            assert outcomes and set(outcomes) == {200}  # every call answered, none failed or was cut
+            assert outcomes
+            assert set(outcomes) == {200}
             assert a.count("/w") == settled  # nothing new reached it once drained
             assert all(r.ended is not None and not r.disconnected for r in a.requests)
             assert pool.draining == []
@@ -248,7 +253,7 @@ async def test_the_system_resolver_finds_every_address_off_the_loop() -> None:
     try:
         assert "127.0.0.1" in await resolver.resolve("localhost", 80)
         assert await resolver.resolve("10.1.2.3", 80) == ["10.1.2.3"]
-        with pytest.raises(OSError):
+        with pytest.raises(socket.gaierror):
             await resolver.resolve("no-such-host.invalid", 80)
     finally:
         await resolver.aclose()
