@@ -75,6 +75,9 @@ class Balancer:
         self._turn = -1
         self.ejections = 0  # in all, whatever became of the endpoints since
 
+    def clock(self) -> float:
+        return self._detector.clock()
+
     def pick(self, avoid: Endpoint | None = None) -> Endpoint:
         """The endpoint for the next call, counted in flight: hand it back with release(). ``avoid``: the one a
         retry's previous attempt failed on, taken only when no other is active. Raises LookupError when the

@@ -16,7 +16,7 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -49,6 +49,19 @@ def _origin(url: str) -> _Origin:
 def _authority(host: str, port: int, scheme: str) -> str:
     shown = f"[{host}]" if ":" in host else host
     return shown if port == (443 if scheme == "https" else 80) else f"{shown}:{port}"
+
+
+class EndpointView(TypedDict):
+    """One endpoint as /debug shows it."""
+
+    endpoint: str
+    state: str  # active, ejected, draining
+    in_flight: int
+    calls: int
+    failures: int
+    consecutive_failures: int
+    ejections: int
+    ejected_for_s: float | None  # until it returns
 
 
 class EndpointPool:
@@ -124,6 +137,27 @@ class EndpointPool:
         self.balancer.release(endpoint, fault)
         if endpoint.draining and endpoint.in_flight == 0:
             self._close(endpoint)
+
+    def snapshot(self) -> list[EndpointView]:
+        """Every endpoint, live or draining, with its state now (read-only: /debug and the scrape call it)."""
+        now = self.balancer.clock()
+        views: list[EndpointView] = []
+        for ep in [*self.balancer.endpoints.values(), *self._draining]:
+            until = ep.outlier.ejected_until
+            ejected = until is not None and now < until and not ep.draining
+            views.append(
+                EndpointView(
+                    endpoint=ep.key,
+                    state="draining" if ep.draining else "ejected" if ejected else "active",
+                    in_flight=ep.in_flight,
+                    calls=ep.calls,
+                    failures=ep.failures,
+                    consecutive_failures=ep.outlier.consecutive,
+                    ejections=ep.outlier.ejections,
+                    ejected_for_s=round(until - now, 3) if ejected and until is not None else None,
+                )
+            )
+        return views
 
     # -- where the endpoints come from -------------------------------------------------------------------------
 
