@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
@@ -145,15 +145,6 @@ class UpstreamConfig(_Section):
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
 
-    @model_validator(mode="before")
-    @classmethod
-    def _base_from_endpoints(cls, data: Any) -> Any:
-        if isinstance(data, dict) and not data.get("base_url"):
-            endpoints = data.get("endpoints")
-            if isinstance(endpoints, list) and endpoints and isinstance(endpoints[0], str):
-                return {**data, "base_url": endpoints[0]}
-        return data
-
     @field_validator("base_url")
     @classmethod
     def _http_base_url(cls, value: str) -> str:
@@ -217,8 +208,12 @@ class UpstreamConfig(_Section):
     @model_validator(mode="after")
     def _consistent(self) -> UpstreamConfig:
         if not self.base_url:
-            raise ValueError("either base_url or endpoints is required")
-        if self.endpoints and _origin(self.endpoints[0])[0] != urlsplit(self.base_url).scheme:
+            if not self.endpoints:
+                raise ValueError("either base_url or endpoints is required")
+            # The frozen model's one derived value, set once while it is validated: everything that joins paths
+            # reads base_url, whichever way the upstream was given.
+            object.__setattr__(self, "base_url", self.endpoints[0])
+        elif self.endpoints and _origin(self.endpoints[0])[0] != urlsplit(self.base_url).scheme:
             raise ValueError("endpoints must use base_url's scheme")
         both = sorted(set(self.headers) & set(self.forward_headers))
         if both:
