@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 import aiohttp
 
+from app.errors import ResourceClosedError
 from app.settings import UpstreamConfig
 from app.upstream.balancer import Balancer, Endpoint
 from app.upstream.ejection import OutlierDetector
@@ -126,8 +127,12 @@ class EndpointPool:
     # -- calls ---------------------------------------------------------------------------------------------------
 
     def pick(self, avoid: Endpoint | None) -> Endpoint:
-        """See Balancer.pick; the endpoint's session is open until its release()."""
-        return self.balancer.pick(avoid)
+        """See Balancer.pick; the endpoint's session is open until its release(). Raises ResourceClosedError
+        after aclose() (the set is never empty before)."""
+        try:
+            return self.balancer.pick(avoid)
+        except LookupError as exc:
+            raise ResourceClosedError(f"upstream {self.name} has no endpoint open") from exc
 
     @property
     def draining(self) -> list[Endpoint]:
