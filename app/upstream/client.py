@@ -177,7 +177,7 @@ class UpstreamClient:
         policy = up.config.retry
         retryable_method = out.method in IDEMPOTENT_METHODS
         up.budget.record_call()
-        tried = _Tried()
+        tried = _Tried() if up.endpoints is not None else None  # nothing to remember with one endpoint
         attempt = 0  # tries, sent or not: the retry policy's count
         while True:
             attempt += 1
@@ -212,7 +212,7 @@ class UpstreamClient:
         deadline: float,
         headers: Mapping[str, str],
         progress: Progress,
-        tried: _Tried,
+        tried: _Tried | None,
     ) -> Reply:
         if not up.breaker.try_acquire():
             # Counted apart from attempts (nothing was sent): an outage is mostly refusals once the breaker opens.
@@ -247,7 +247,7 @@ class UpstreamClient:
         deadline: float,
         headers: Mapping[str, str],
         progress: Progress,
-        tried: _Tried,
+        tried: _Tried | None,
     ) -> Reply:
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
@@ -267,7 +267,7 @@ class UpstreamClient:
             send_headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
             session, url, server_hostname = self._http.session, out.url, None
             pool, endpoint = up.endpoints, None
-            if pool is not None:
+            if pool is not None and tried is not None:
                 # Picked once the slots are held, so that the in-flight counts it compares are the real ones; no
                 # await between the pick (which counts the call in flight) and the try whose finally releases it.
                 endpoint = tried.last = pool.pick(tried.last)

@@ -145,6 +145,18 @@ async def test_an_endpoint_that_fails_its_health_checks_is_ejected_without_traff
             assert servers[0].count("/health") >= 2
 
 
+async def test_endpoints_standing_in_for_a_named_service_are_sent_its_name() -> None:
+    with fleet(2) as servers:
+        port = servers[0].port
+        settings = settings_for(base_url=f"http://users.internal:{port}/api", endpoints=[s.url for s in servers])
+        async with open_client(settings) as client:
+            for _ in range(20):
+                assert (await get(client, "u", "/w")).status == 200
+        for server in servers:
+            assert server.count("/api/w") > 0
+            assert {r.headers["host"] for r in server.requests} == {f"users.internal:{port}"}
+
+
 async def test_dns_refresh_adds_and_removes_endpoints() -> None:
     with fleet(3) as servers:
         a, b, c = servers
@@ -203,10 +215,13 @@ async def test_no_call_is_lost_while_an_endpoint_drains() -> None:
                     group.create_task(load())
                 await until(lambda: a.in_flight >= 2, what="calls in flight on the endpoint to drain")
                 drained = pool.balancer.endpoints[f"{a.host}:{a.port}"]
+                connections = drained.session
+                assert connections is not None
                 zone.names["users.test"] = [b.host]
                 await until(lambda: drained.draining, what="the endpoint leaving the set")
                 assert drained.in_flight > 0  # calls were in flight on it when it left: they must finish
-                await until(lambda: drained.in_flight == 0 and drained.session is None, what="the drain")
+                # Its calls done, its connector closes, and every connection with it.
+                await until(lambda: drained.in_flight == 0 and connections.closed, what="the drain")
                 settled = a.count("/w")
                 done = len(outcomes)
                 await until(lambda: len(outcomes) >= done + 40, what="40 more calls")
