@@ -95,7 +95,8 @@ class EndpointPool:
         self._service = None if base in self._origins else base
         self._last: dict[_Origin, list[str]] = {}  # each name's last good answer
         self._failing: set[_Origin] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # the refresh and the health checks: cancelled by aclose()
+        self._closing: set[asyncio.Task[None]] = set()  # drained connectors closing: awaited by aclose()
         self._draining: set[Endpoint] = set()  # gone from the set, calls still in flight
         self._closed = False
 
@@ -117,6 +118,9 @@ class EndpointPool:
             task.cancel()
         if self._tasks:
             await asyncio.wait(self._tasks)
+        if self._closing:
+            # Never cancelled half way: a connector cut short would leave its sockets to the garbage collector.
+            await asyncio.wait(self._closing)
         endpoints = [*self.balancer.endpoints.values(), *self._draining]
         sessions = [ep.session for ep in endpoints if ep.session is not None]
         self.balancer.replace(())
@@ -198,8 +202,10 @@ class EndpointPool:
             )  # fmt: skip
 
     async def _lookup(self, origin: _Origin) -> list[str] | None:
+        if is_address(origin.host):
+            return [origin.host]
         if self._resolver is None:
-            return None if not is_address(origin.host) else [origin.host]
+            return None  # dialled by name: the connector resolves it, as for a single base_url
         try:
             async with asyncio.timeout(min(5.0, self._cfg.dns_refresh_s or 5.0)):
                 addresses = (await self._resolver.resolve(origin.host, origin.port))[:MAX_ADDRESSES]
@@ -273,7 +279,9 @@ class EndpointPool:
         self._draining.discard(ep)
         session, ep.session = ep.session, None
         if session is not None and not self._closed:
-            self._spawn(session.close(), "drain-close")
+            task = asyncio.get_running_loop().create_task(session.close(), name=f"upstream-{self.name}-drain-close")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     def _spawn(self, work: Coroutine[Any, Any, None], what: str) -> None:
         task = asyncio.get_running_loop().create_task(work, name=f"upstream-{self.name}-{what}")
