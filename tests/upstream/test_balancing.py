@@ -112,3 +112,22 @@ async def test_debug_and_metrics_show_the_endpoints() -> None:
             if shown:
                 key = f"{servers[1].host}:{servers[1].port}"
                 assert f'gateway_upstream_endpoint_ejections_total{{endpoint="{key}",upstream="u"}} 1.0' in metrics
+
+
+async def test_the_running_gateway_resolves_a_name_to_its_addresses(upstream: UpstreamServer) -> None:
+    """The system resolver, through the real lifespan: `localhost` becomes its addresses (127.0.0.1 among them),
+    each an endpoint, called under the name."""
+    settings = make_settings(
+        upstreams={
+            "u": {"base_url": f"http://localhost:{upstream.port}", "dns_refresh_s": 60, "retry": {"attempts": 3}}
+        },
+        observability={"admin_port": 0},
+    )
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        status, body, _ = await post_aggregate(client, gw.url, {"s": {"upstream": "u", "path": "/w"}})
+        async with client.get(f"http://127.0.0.1:{gw.state.admin_port}/debug/pools") as resp:
+            endpoints = (await resp.json())["upstreams"]["u"]["endpoints"]
+    assert status == 200, body
+    assert body["results"]["s"]["ok"], body
+    assert f"127.0.0.1:{upstream.port}" in {e["endpoint"] for e in endpoints}
+    assert upstream.requests[-1].headers["host"] == f"localhost:{upstream.port}"
