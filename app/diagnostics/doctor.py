@@ -99,15 +99,16 @@ def check_database(settings: Settings, replicas: int) -> Iterator[Finding]:
 
 def check_upstreams(settings: Settings) -> Iterator[Finding]:
     for name, upstream in settings.upstreams.items():
-        parts = urlsplit(upstream.base_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            with socket.create_connection((parts.hostname or "", port), timeout=CONNECT_TIMEOUT_S):
-                pass
-        except OSError as exc:
-            yield Finding("FAIL", f"upstream {name}", f"{parts.hostname}:{port} unreachable: {exc.strerror or exc}")
-        else:
-            yield Finding("OK", f"upstream {name}", f"{parts.hostname}:{port} accepts connections")
+        for url in upstream.endpoints or [upstream.base_url]:  # each endpoint of one that has several
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            try:
+                with socket.create_connection((parts.hostname or "", port), timeout=CONNECT_TIMEOUT_S):
+                    pass
+            except OSError as exc:
+                yield Finding("FAIL", f"upstream {name}", f"{parts.hostname}:{port} unreachable: {exc.strerror or exc}")
+            else:
+                yield Finding("OK", f"upstream {name}", f"{parts.hostname}:{port} accepts connections")
 
 
 def check_runtime(settings: Settings) -> Iterator[Finding]:

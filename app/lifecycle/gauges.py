@@ -6,7 +6,7 @@ import asyncio
 import threading
 from collections.abc import Callable, Iterator
 
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.state import GatewayState
@@ -34,6 +34,7 @@ class StateCollector(Collector):
         yield from self._db()
         yield from self._cpu()
         yield from self._upstreams()
+        yield from self._endpoints()
 
     def _db(self) -> Iterator[Metric]:
         db = self._state.db
@@ -78,6 +79,49 @@ class StateCollector(Collector):
         yield in_flight
         yield limit
         yield breaker
+
+    def _endpoints(self) -> Iterator[Metric]:
+        """Upstreams with several endpoints: how many are in each state, and the ejections; per endpoint only when
+        ``observability.endpoint_metrics`` (one series per address of every balanced upstream: a large fleet's
+        worth). Read from the live endpoints, so one that has left disappears with it."""
+        client = self._state.upstreams
+        if client is None:
+            return
+        pools = [(name, up.endpoints) for name, up in client.upstreams.items() if up.endpoints is not None]
+        if not pools:
+            return
+        by_state = GaugeMetricFamily(
+            "gateway_upstream_endpoints",
+            "Endpoints by state (active, ejected, draining).",
+            labels=["upstream", "state"],
+        )
+        ejections = CounterMetricFamily(
+            "gateway_upstream_ejections", "Endpoints ejected as outliers.", labels=["upstream"]
+        )
+        per_endpoint = self._state.settings.observability.endpoint_metrics
+        labels = ["upstream", "endpoint"]
+        in_flight = GaugeMetricFamily("gateway_upstream_endpoint_in_flight", "Calls in progress.", labels=labels)
+        calls = CounterMetricFamily("gateway_upstream_endpoint_calls", "Attempts sent.", labels=labels)
+        failures = CounterMetricFamily(
+            "gateway_upstream_endpoint_failures", "Connect errors, timeouts, 5xx, failed health checks.", labels=labels
+        )
+        ejected = CounterMetricFamily("gateway_upstream_endpoint_ejections", "Times ejected.", labels=labels)
+        for name, pool in pools:
+            views = pool.snapshot()
+            for state in ("active", "ejected", "draining"):
+                by_state.add_metric([name, state], sum(1 for v in views if v["state"] == state))
+            ejections.add_metric([name], pool.balancer.ejections)
+            if per_endpoint:
+                for v in views:
+                    key = [name, v["endpoint"]]
+                    in_flight.add_metric(key, v["in_flight"])
+                    calls.add_metric(key, v["calls"])
+                    failures.add_metric(key, v["failures"])
+                    ejected.add_metric(key, v["ejections"])
+        yield by_state
+        yield ejections
+        if per_endpoint:
+            yield from (in_flight, calls, failures, ejected)
 
 
 def _task_count(state: GatewayState) -> int:

@@ -6,7 +6,8 @@ Order and why:
   1c. guard          API keys and the rate limiter (a Redis connection pool when shared); refuses to start
                      when authentication is on without keys
   2. http             the shared aiohttp session
-  3. upstreams        limits, breakers and retry budgets per upstream
+  3. upstreams        limits, breakers and retry budgets per upstream; for those with several endpoints, a
+                     connector per endpoint, the DNS refresh (its own two resolver threads), health checks
   4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
   5. cpu_pool         worker processes, pre-warmed
   5b. diagnostics     fault handler, SIGUSR1 dump, task ages, tracemalloc when configured

@@ -61,6 +61,9 @@ async def pools(request: Request) -> JSONResponse:
                 "limit": up.config.max_concurrency,
                 "breaker": up.breaker.state.name.lower(),
                 "breaker_retry_after_s": round(up.breaker.retry_after_s(), 3),
+                # Several endpoints: each with its state; none (null) for a single base_url.
+                "policy": up.config.policy if up.endpoints is not None else None,
+                "endpoints": up.endpoints.snapshot() if up.endpoints is not None else None,
             }
     return JSONResponse(body)
 

@@ -94,6 +94,12 @@ from app.settings.sources import (
     CompositeSource as CompositeSource,
 )
 from app.settings.sources import (
+    HealthCheck as HealthCheck,
+)
+from app.settings.sources import (
+    OutlierPolicy as OutlierPolicy,
+)
+from app.settings.sources import (
     QueryConfig as QueryConfig,
 )
 from app.settings.sources import (

@@ -292,6 +292,9 @@ class ObservabilitySettings(_Section):
     blocking_threshold_ms: PositiveMs = 100.0
     loop_lag_interval_ms: PositiveMs = 100.0
     access_log: bool = True
+    # One series per endpoint of every balanced upstream: off by default, so a large fleet cannot blow up the
+    # number of series (the per-upstream counts by state are always there).
+    endpoint_metrics: bool = Field(False, description="Export in-flight, calls, failures and ejections per endpoint.")
     tracing: TracingSettings = TracingSettings()
 
 

@@ -55,6 +55,30 @@ class BreakerPolicy(_Section):
     half_open_probes: int = Field(1, ge=1, le=100)
 
 
+class OutlierPolicy(_Section):
+    """Passive outlier ejection of one endpoint of an upstream with several (app/upstream/ejection.py)."""
+
+    consecutive_failures: int = Field(5, ge=1, description="Connect errors, timeouts or 5xx in a row that eject.")
+    base_ejection_ms: PositiveMs = Field(30_000.0, description="First ejection; each repeat adds as much again.")
+    max_ejection_ms: PositiveMs = 300_000.0
+    max_ejection_percent: int = Field(50, ge=0, le=100, description="Endpoints ejected at once, at most.")
+
+
+class HealthCheck(_Section):
+    """Active checks of each endpoint, for endpoints that receive little traffic; off without a path."""
+
+    path: str | None = Field(None, description="GET this path on every endpoint; a 2xx or 3xx is healthy.")
+    interval_s: float = Field(5.0, gt=0, le=3600)
+    timeout_ms: PositiveMs = 1_000.0
+
+    @field_validator("path")
+    @classmethod
+    def _absolute(cls, value: str | None) -> str | None:
+        if value is not None and (not value.startswith("/") or any(c in value for c in "?#\\ ")):
+            raise ValueError("must be an absolute path, without query or fragment")
+        return value
+
+
 # Besides those never forwarded: set by the gateway on the calls that need it.
 _GATEWAY_SET = frozenset({"content-type"})
 
@@ -87,8 +111,28 @@ class UpstreamTls(_Section):
         return any(f is not None for f in (self.ca_file, self.client_cert_file, self.client_key_file))
 
 
+MAX_ENDPOINTS = 256
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
 class UpstreamConfig(_Section):
-    base_url: str
+    # Required unless `endpoints` are given (then it defaults to the first of them). Beside `endpoints`, it names
+    # the service: its path prefix, and its host name (sent as Host, and checked in the TLS handshake).
+    base_url: str = ""
+    endpoints: list[str] = Field(
+        default_factory=list, max_length=MAX_ENDPOINTS, description="Origins to balance requests across."
+    )
+    dns_refresh_s: float | None = Field(
+        None, gt=0, le=3600, description="Resolve each host to all its addresses, again every this many seconds."
+    )
+    policy: Literal["p2c", "round_robin"] = "p2c"
+    outlier: OutlierPolicy = OutlierPolicy()
+    health_check: HealthCheck = HealthCheck()
     max_concurrency: int = Field(32, ge=1, le=10_000)
     timeout_ms: PositiveMs = 1_000.0
     connect_timeout_ms: PositiveMs = 250.0
@@ -104,14 +148,31 @@ class UpstreamConfig(_Section):
     @field_validator("base_url")
     @classmethod
     def _http_base_url(cls, value: str) -> str:
-        from urllib.parse import urlsplit
-
+        if value == "":
+            return value  # checked with `endpoints`, below
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError("must be an absolute http:// or https:// URL")
         if parts.query or parts.fragment or parts.username or parts.password:
             raise ValueError("must not carry a query, fragment or credentials")
         return value.rstrip("/")
+
+    @field_validator("endpoints")
+    @classmethod
+    def _http_origins(cls, value: list[str]) -> list[str]:
+        seen: set[tuple[str, str, int]] = set()
+        for url in value:
+            parts = urlsplit(url)
+            if parts.scheme not in ("http", "https") or not parts.hostname:
+                raise ValueError(f"{url!r} is not an absolute http:// or https:// URL")
+            if parts.path not in ("", "/") or parts.query or parts.fragment or parts.username or parts.password:
+                raise ValueError(f"{url!r} must be an origin only (scheme, host, port): the path goes in base_url")
+            if _origin(url) in seen:
+                raise ValueError(f"{url!r} is given twice")
+            seen.add(_origin(url))
+        if len({_origin(url)[0] for url in value}) > 1:
+            raise ValueError("endpoints must all use the same scheme")
+        return [url.rstrip("/") for url in value]
 
     @field_validator("forward_headers")
     @classmethod
@@ -146,12 +207,28 @@ class UpstreamConfig(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> UpstreamConfig:
+        if not self.base_url:
+            if not self.endpoints:
+                raise ValueError("either base_url or endpoints is required")
+            # The frozen model's one derived value, set once while it is validated: everything that joins paths
+            # reads base_url, whichever way the upstream was given.
+            object.__setattr__(self, "base_url", self.endpoints[0])
+        elif self.endpoints and _origin(self.endpoints[0])[0] != urlsplit(self.base_url).scheme:
+            raise ValueError("endpoints must use base_url's scheme")
         both = sorted(set(self.headers) & set(self.forward_headers))
         if both:
             raise ValueError(f"headers both set by the gateway and forwarded from clients: {', '.join(both)}")
         if self.tls.configured and urlsplit(self.base_url).scheme != "https":
             raise ValueError("tls settings need an https:// base_url")
         return self
+
+    @property
+    def balanced(self) -> bool:
+        """Whether calls are balanced across endpoints: decided once, at start-up. One fixed endpoint that is the
+        base URL's own origin goes the plain way, as a single base_url always has."""
+        if self.dns_refresh_s is not None or len(self.endpoints) > 1:
+            return True
+        return bool(self.endpoints) and _origin(self.endpoints[0]) != _origin(self.base_url)
 
 
 class QueryConfig(_Section):

@@ -48,11 +48,13 @@ async def call_once(
     connect_timeout_s: float,
     max_bytes: int,
     ssl: SSLContext | bool = True,
+    server_hostname: str | None = None,
 ) -> Reply:
     """Send one request and read its body, at most ``max_bytes`` of it.
 
     Raises UpstreamTimeoutError, UpstreamConnectError, ResponseTooLargeError, BadResponseError, and
     UpstreamStatusError for 5xx and 429 (callers decide whether to retry); every other status is a Reply.
+    ``server_hostname``: the name the TLS handshake sends and checks when ``url`` names an address.
     """
     timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
     data = None if body is None else _encode(body)
@@ -69,6 +71,7 @@ async def call_once(
             timeout=timeout,
             allow_redirects=False,  # a redirect could point anywhere; it is returned as the upstream's answer
             ssl=ssl,
+            server_hostname=server_hostname,
         ) as resp:
             raw = await _read_capped(resp, upstream, max_bytes)
             status = resp.status

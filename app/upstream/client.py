@@ -6,7 +6,8 @@ from __future__ import annotations
 import asyncio
 import random
 import ssl
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -19,14 +20,18 @@ from app.errors import (
     ResponseTooLargeError,
     SourceError,
     StartupError,
+    UpstreamConnectError,
     UpstreamStatusError,
     UpstreamTimeoutError,
 )
 from app.settings import Settings, UpstreamConfig
+from app.upstream.balancer import Endpoint
 from app.upstream.breaker import BreakerState, CircuitBreaker
 from app.upstream.call import Reply, call_once
+from app.upstream.endpoints import EndpointPool
+from app.upstream.resolver import Resolver, SystemResolver
 from app.upstream.retry import IDEMPOTENT_METHODS, RetryBudget, backoff_s, is_transient, parse_retry_after
-from app.upstream.session import HttpSession
+from app.upstream.session import HttpSession, new_session
 
 # A retry is pointless when less than this is left before the deadline.
 MIN_ATTEMPT_S = 0.005
@@ -55,6 +60,16 @@ class Upstream:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     ssl: ssl.SSLContext | bool = True
     in_flight: int = 0
+    # Several endpoints (UpstreamConfig.balanced, decided at start-up): each attempt picks one. None: the base URL
+    # is called as it is, and a call pays nothing for balancing.
+    endpoints: EndpointPool | None = None
+
+
+@dataclass
+class _Tried:
+    """The endpoint a call's last attempt went to: its retry prefers another."""
+
+    last: Endpoint | None = None
 
 
 @dataclass
@@ -94,10 +109,17 @@ class UpstreamClient:
         *,
         observer: UpstreamObserver | None = None,
         rng: random.Random | None = None,
+        resolver: Resolver | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``resolver``: where the names of upstreams with ``dns_refresh_s`` are resolved (default: the system's,
+        in threads of its own); ``clock``: the outlier ejection's time."""
         self._http = http
         self._observer = observer
         self._rng = rng or random.Random()
+        self._resolver = resolver
+        self._own_resolver: SystemResolver | None = None
+        self._clock = clock
         self._global = asyncio.Semaphore(settings.http.max_in_flight)
         self.upstreams = {name: self._make(name, cfg) for name, cfg in settings.upstreams.items()}
 
@@ -116,14 +138,30 @@ class UpstreamClient:
         )
 
     async def start(self) -> None:
-        """Load each upstream's TLS files. Raises StartupError naming the upstream when one cannot be used."""
+        """Load each upstream's TLS files, then open the endpoints of those that have several (resolving their
+        names once). Raises StartupError naming the upstream when its TLS files cannot be used."""
         for up in self.upstreams.values():
             if up.config.tls.configured:
                 # A few small files, read once before the gateway serves: no request waits on this.
                 up.ssl = _tls_context(up.name, up.config)
+        balanced = [up for up in self.upstreams.values() if up.config.balanced]
+        if self._resolver is None and any(up.config.dns_refresh_s is not None for up in balanced):
+            self._own_resolver = self._resolver = SystemResolver()
+            await self._own_resolver.start()
+        for up in balanced:
+            up.endpoints = EndpointPool(
+                up.name, up.config, tls=up.ssl, new_session=new_session, resolver=self._resolver,
+                clock=self._clock, rng=self._rng,
+            )  # fmt: skip
+            # Set before start(): aclose() closes a pool that failed half way.
+            await up.endpoints.start()
 
     async def aclose(self) -> None:
-        return None
+        for up in self.upstreams.values():
+            if up.endpoints is not None:
+                await up.endpoints.aclose()
+        if self._own_resolver is not None:
+            await self._own_resolver.aclose()
 
     async def call(
         self, name: str, out: Outbound, *, deadline: float, headers: Mapping[str, str], progress: Progress
@@ -139,11 +177,12 @@ class UpstreamClient:
         policy = up.config.retry
         retryable_method = out.method in IDEMPOTENT_METHODS
         up.budget.record_call()
+        tried = _Tried() if up.endpoints is not None else None  # nothing to remember with one endpoint
         attempt = 0  # tries, sent or not: the retry policy's count
         while True:
             attempt += 1
             try:
-                reply = await self._attempt(up, out, deadline, headers, progress)
+                reply = await self._attempt(up, out, deadline, headers, progress, tried)
                 if reply.status >= 300:
                     raise UpstreamStatusError(f"{name} answered {reply.status}", status=reply.status)
                 return Result(status=reply.status, body=reply.body, headers=reply.headers, attempts=progress.attempts)
@@ -167,7 +206,13 @@ class UpstreamClient:
             await asyncio.sleep(delay)
 
     async def _attempt(
-        self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str], progress: Progress
+        self,
+        up: Upstream,
+        out: Outbound,
+        deadline: float,
+        headers: Mapping[str, str],
+        progress: Progress,
+        tried: _Tried | None,
     ) -> Reply:
         if not up.breaker.try_acquire():
             # Counted apart from attempts (nothing was sent): an outage is mostly refusals once the breaker opens.
@@ -177,7 +222,7 @@ class UpstreamClient:
                 f"{up.name} circuit is open; next probe in {up.breaker.retry_after_s() * 1000:.0f} ms"
             )
         try:
-            reply = await self._send(up, out, deadline, headers, progress)
+            reply = await self._send(up, out, deadline, headers, progress, tried)
         except DeadlineExceededError:
             # The client's deadline, not the upstream, cut this attempt short: not the breaker's business.
             up.breaker.release_probe()
@@ -196,7 +241,13 @@ class UpstreamClient:
         return reply
 
     async def _send(
-        self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str], progress: Progress
+        self,
+        up: Upstream,
+        out: Outbound,
+        deadline: float,
+        headers: Mapping[str, str],
+        progress: Progress,
+        tried: _Tried | None,
     ) -> Reply:
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
@@ -214,14 +265,25 @@ class UpstreamClient:
             # upstream; the settings keep the three sets of names apart.
             send_headers = {**out.headers, **headers, **up.headers}
             send_headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
+            session, url, server_hostname = self._http.session, out.url, None
+            pool, endpoint = up.endpoints, None
+            if pool is not None and tried is not None:
+                # Picked once the slots are held, so that the in-flight counts it compares are the real ones; no
+                # await between the pick (which counts the call in flight) and the try whose finally releases it.
+                endpoint = tried.last = pool.pick(tried.last)
+                session, url = endpoint.session or session, endpoint.url_for(url)
+                server_hostname = endpoint.server_hostname
+                if endpoint.host_header is not None:
+                    send_headers["Host"] = endpoint.host_header
+            fault: bool | None = None  # the endpoint's verdict: None when the attempt says nothing about it
             up.in_flight += 1
             progress.attempts += 1  # from here on the request is on its way (or failing to connect, which counts)
             try:
                 reply = await call_once(
-                    self._http.session,
+                    session,
                     upstream=up.name,
                     method=out.method,
-                    url=out.url,
+                    url=url,
                     params=out.params,
                     body=out.body,
                     headers=send_headers,
@@ -229,18 +291,24 @@ class UpstreamClient:
                     connect_timeout_s=up.config.connect_timeout_ms / 1000,
                     max_bytes=up.config.max_response_bytes,
                     ssl=up.ssl,
+                    server_hostname=server_hostname,
                 )
+                fault = False
             except UpstreamTimeoutError as exc:
                 if remaining < per_try:
                     self._observe(up.name, "deadline", started)
                     raise DeadlineExceededError(f"{up.name} did not answer before the deadline") from exc
+                fault = True
                 self._observe(up.name, exc.kind, started)
                 raise
             except SourceError as exc:
+                fault = _endpoint_fault(exc)
                 self._observe(up.name, exc.kind, started)
                 raise
             finally:
                 up.in_flight -= 1
+                if endpoint is not None and pool is not None:
+                    pool.release(endpoint, fault)
         self._observe(up.name, "ok", started)
         return reply
 
@@ -256,6 +324,14 @@ def _is_upstream_fault(err: SourceError) -> bool:
     if isinstance(err, UpstreamStatusError) and err.status is not None and err.status >= 500:
         return True
     return is_transient(err)
+
+
+def _endpoint_fault(err: SourceError) -> bool:
+    """What ejects an endpoint: no connection, no answer in time, a 5xx, or not HTTP at all. A 429 or an
+    oversized body says nothing against the endpoint."""
+    if isinstance(err, UpstreamStatusError):
+        return err.status is not None and err.status >= 500
+    return isinstance(err, UpstreamConnectError | UpstreamTimeoutError | BadResponseError)
 
 
 def _note_attempts(err: SourceError, attempts: int) -> None:

@@ -102,7 +102,16 @@ def stack(pg_dsn: str) -> Iterator[Stack]:
                 workdir,
                 config(
                     database_url=pg_dsn,
-                    upstreams={"idle_up": {"base_url": ups["idle_up"].url}},
+                    upstreams={
+                        "idle_up": {"base_url": ups["idle_up"].url},
+                        # An upstream with several endpoints (one address standing in for a service name), with
+                        # its per-endpoint series on, for the dashboard's endpoint panels.
+                        "idle_pool": {
+                            "base_url": f"http://idle.internal:{ups['idle_up'].port}",
+                            "endpoints": [ups["idle_up"].url],
+                        },
+                    },
+                    observability={"endpoint_metrics": True},
                     queries={"one": {"sql": "SELECT 1 AS one"}},
                 ),
             )

@@ -403,9 +403,10 @@ def test_network_policy_lets_the_gateway_reach_what_it_is_configured_for(
     assert set(policy["policyTypes"]) == {"Ingress", "Egress"}
     egress_ports = {p["port"] for rule in policy["egress"] for p in rule.get("ports", [])}
     for name, upstream in settings.upstreams.items():
-        parts = urlsplit(upstream.base_url)
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        assert port in egress_ports, f"upstream {name} ({upstream.base_url}) is blocked by the NetworkPolicy"
+        for url in upstream.endpoints or [upstream.base_url]:  # what is dialled: each endpoint, when given
+            parts = urlsplit(url)
+            port = parts.port or (443 if parts.scheme == "https" else 80)
+            assert port in egress_ports, f"upstream {name} ({url}) is blocked by the NetworkPolicy"
     assert 5432 in egress_ports
     assert 53 in egress_ports
     assert [p["port"] for rule in policy["ingress"] for p in rule["ports"]] == ["http", "admin"]

@@ -17,7 +17,13 @@ async def scrape_after_traffic(pg_dsn: str, upstream: UpstreamServer) -> str:
     settings = make_settings(
         database_url=pg_dsn,
         compute={"enabled": True, "workers": 1},
-        upstreams={"users": {"base_url": upstream.url}},
+        # "pods": an upstream with several endpoints (here one address standing in for a service name), whose
+        # per-endpoint series are on.
+        upstreams={
+            "users": {"base_url": upstream.url},
+            "pods": {"base_url": f"http://users.internal:{upstream.port}", "endpoints": [upstream.url]},
+        },
+        observability={"endpoint_metrics": True},
         queries={"orders_of": {"sql": "SELECT id FROM orders WHERE user_id = %(u)s", "params": {"u": "int"}}},
         # A configured key is what gateway_rate_limited_total{key} is labelled by (authentication stays off here).
         auth={"enabled": False, "keys": [{"name": "ops", "hash": "sha256:" + "ab" * 32, "scopes": ["aggregate"]}]},

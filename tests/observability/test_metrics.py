@@ -46,9 +46,14 @@ async def test_every_contract_metric_is_exported(upstream: UpstreamServer, pg_ds
     upstream.set("/x", Behavior())
     settings = make_settings(
         database_url=pg_dsn,
-        upstreams={"a": upstream_cfg(upstream.url)},
+        # "pool": several endpoints (one address standing in for a service name), per-endpoint series on.
+        upstreams={
+            "a": upstream_cfg(upstream.url),
+            "pool": upstream_cfg(f"http://a.internal:{upstream.port}", endpoints=[upstream.url]),
+        },
         queries={"one": {"sql": "SELECT 1 AS one"}},
         compute={"enabled": True, "workers": 1},
+        observability={"endpoint_metrics": True},
     )
     async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
         await post_aggregate(client, gw.url, {"u": {"upstream": "a", "path": "/x"}, "q": {"query": "one"}})

@@ -105,9 +105,15 @@ class UpstreamServer:
     """A real aiohttp server on 127.0.0.1:<free port>, running in its own thread with its own event loop,
     so it works both for in-process app tests and for tests of a separate gateway process."""
 
-    def __init__(self, name: str = "upstream", *, ssl_context: ssl.SSLContext | None = None) -> None:
-        """``ssl_context``: serve HTTPS with it (its verify mode decides whether clients must show a certificate)."""
+    def __init__(
+        self, name: str = "upstream", *, ssl_context: ssl.SSLContext | None = None, host: str = HOST, port: int = 0
+    ) -> None:
+        """``ssl_context``: serve HTTPS with it (its verify mode decides whether clients must show a certificate).
+        ``host``, ``port``: where to listen (127.0.0.2, 127.0.0.3, ... are loopback too: several servers on one
+        port, as the addresses of one name)."""
         self.name = name
+        self.host = host
+        self._want_port = port
         self._ssl_context = ssl_context
         self._cond = threading.Condition()
         self._routes: dict[str, _Route] = {}
@@ -184,7 +190,7 @@ class UpstreamServer:
     @property
     def url(self) -> str:
         scheme = "https" if self._ssl_context is not None else "http"
-        return f"{scheme}://{HOST}:{self.port}"
+        return f"{scheme}://{self.host}:{self.port}"
 
     # -- scripting -------------------------------------------------------------------------------------------
 
@@ -309,7 +315,7 @@ class UpstreamServer:
         runner = web.AppRunner(app, access_log=None, handler_cancellation=True, shutdown_timeout=SHUTDOWN_TIMEOUT)
         try:
             await runner.setup()
-            site = web.TCPSite(runner, HOST, 0, ssl_context=self._ssl_context)
+            site = web.TCPSite(runner, self.host, self._want_port, ssl_context=self._ssl_context)
             await site.start()
             self._port = runner.addresses[0][1]
             self._ready.set()
