@@ -10,6 +10,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from app.state import GatewayState
+from app.upstream.cache.memory import MemoryStore
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -71,13 +72,34 @@ class StateCollector(Collector):
         breaker = GaugeMetricFamily(
             "gateway_upstream_breaker_state", "0 closed, 1 half-open, 2 open.", labels=["upstream"]
         )
+        held = GaugeMetricFamily(
+            "gateway_upstream_cache_bytes", "Bytes held by the in-memory cache (entries, keys, overhead).",
+            labels=["upstream"],
+        )  # fmt: skip
+        entries = GaugeMetricFamily(
+            "gateway_upstream_cache_entries", "Entries in the in-memory cache.", labels=["upstream"]
+        )
+        flights = GaugeMetricFamily(
+            "gateway_upstream_cache_flights", "Shared calls in flight (single flight).", labels=["upstream"]
+        )
         for name, up in client.upstreams.items():
             in_flight.add_metric([name], up.in_flight)
             limit.add_metric([name], up.config.max_concurrency)
             breaker.add_metric([name], int(up.breaker.state))
+            cache = up.cache
+            if cache is None:
+                continue
+            flights.add_metric([name], cache.in_flight)
+            store = cache.store
+            if isinstance(store, MemoryStore):
+                held.add_metric([name], store.bytes_held)
+                entries.add_metric([name], store.entries)
         yield in_flight
         yield limit
         yield breaker
+        yield held
+        yield entries
+        yield flights
 
 
 def _task_count(state: GatewayState) -> int:

@@ -24,6 +24,9 @@ from app.errors import (
 )
 from app.settings import Settings, UpstreamConfig
 from app.upstream.breaker import BreakerState, CircuitBreaker
+from app.upstream.cache.entry import Entry
+from app.upstream.cache.layer import CachedCalls, CacheObserver, CacheOutcome
+from app.upstream.cache.setup import cached_calls, shared_cache
 from app.upstream.call import Reply, call_once
 from app.upstream.retry import IDEMPOTENT_METHODS, RetryBudget, backoff_s, is_transient, parse_retry_after
 from app.upstream.session import HttpSession
@@ -55,6 +58,8 @@ class Upstream:
     headers: Mapping[str, str] = field(default_factory=dict, repr=False)
     ssl: ssl.SSLContext | bool = True
     in_flight: int = 0
+    # Its cache and single flight (app/upstream/cache/), or None: then every call goes straight to the upstream.
+    cache: CachedCalls[Result] | None = None
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Progress:
     waited for a slot, sent nothing and counts for nothing."""
 
     attempts: int = 0
+    # How the cache took part: "hit", "miss", "coalesced" or "stale"; None for an upstream without one.
+    cache: CacheOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -93,12 +100,15 @@ class UpstreamClient:
         http: HttpSession,
         *,
         observer: UpstreamObserver | None = None,
+        cache_observer: CacheObserver | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self._http = http
         self._observer = observer
+        self._cache_observer = cache_observer
         self._rng = rng or random.Random()
         self._global = asyncio.Semaphore(settings.http.max_in_flight)
+        self._shared_cache = shared_cache(settings)
         self.upstreams = {name: self._make(name, cfg) for name, cfg in settings.upstreams.items()}
 
     def _make(self, name: str, cfg: UpstreamConfig) -> Upstream:
@@ -106,13 +116,22 @@ class UpstreamClient:
             if self._observer is not None:
                 self._observer.breaker_transition(name, to)
 
+        headers = {header: value.get_secret_value() for header, value in cfg.headers.items()}
         return Upstream(
             name=name,
             config=cfg,
             semaphore=asyncio.Semaphore(cfg.max_concurrency),
             breaker=CircuitBreaker(cfg.breaker, on_transition=transition),
             budget=RetryBudget(cfg.retry),
-            headers={header: value.get_secret_value() for header, value in cfg.headers.items()},
+            headers=headers,
+            cache=cached_calls(
+                name,
+                cfg,
+                gateway_headers=headers,
+                redis=self._shared_cache,
+                answer=_cached_result,
+                observer=self._cache_observer,
+            ),
         )
 
     async def start(self) -> None:
@@ -121,9 +140,15 @@ class UpstreamClient:
             if up.config.tls.configured:
                 # A few small files, read once before the gateway serves: no request waits on this.
                 up.ssl = _tls_context(up.name, up.config)
+        if self._shared_cache is not None:
+            await self._shared_cache.start()
 
     async def aclose(self) -> None:
-        return None
+        for up in self.upstreams.values():
+            if up.cache is not None:
+                await up.cache.aclose()
+        if self._shared_cache is not None:
+            await self._shared_cache.aclose()
 
     async def call(
         self, name: str, out: Outbound, *, deadline: float, headers: Mapping[str, str], progress: Progress
@@ -132,9 +157,20 @@ class UpstreamClient:
 
         Raises a SourceError leaf (its ``attempts`` set to the requests actually sent, 0 when none was):
         CircuitOpenError, DeadlineExceededError, UpstreamTimeoutError, UpstreamConnectError, UpstreamStatusError,
-        ResponseTooLargeError, BadResponseError.
+        ResponseTooLargeError, BadResponseError. Through the upstream's cache (when it has one), a fresh or stale
+        entry or another caller's call may answer instead (``progress.cache`` says which).
         """
         up = self.upstreams[name]
+        if up.cache is not None:
+            return await up.cache.call(
+                out, deadline, progress, lambda: self._call(up, out, deadline, headers, progress)
+            )
+        return await self._call(up, out, deadline, headers, progress)
+
+    async def _call(
+        self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str], progress: Progress
+    ) -> Result:
+        name = up.name
         loop = asyncio.get_running_loop()
         policy = up.config.retry
         retryable_method = out.method in IDEMPOTENT_METHODS
@@ -247,6 +283,10 @@ class UpstreamClient:
     def _observe(self, upstream: str, outcome: str, started: float) -> None:
         if self._observer is not None:
             self._observer.attempt(upstream, outcome, asyncio.get_running_loop().time() - started)
+
+
+def _cached_result(entry: Entry) -> Result:
+    return Result(status=entry.status, body=entry.body, headers=entry.headers, attempts=0)
 
 
 def _is_upstream_fault(err: SourceError) -> bool:
