@@ -82,6 +82,10 @@ class StateCollector(Collector):
         flights = GaugeMetricFamily(
             "gateway_upstream_cache_flights", "Shared calls in flight (single flight).", labels=["upstream"]
         )
+        waiters = GaugeMetricFamily(
+            "gateway_upstream_cache_flight_waiters", "Calls waiting on a shared call, its leader included.",
+            labels=["upstream"],
+        )  # fmt: skip
         for name, up in client.upstreams.items():
             in_flight.add_metric([name], up.in_flight)
             limit.add_metric([name], up.config.max_concurrency)
@@ -90,6 +94,7 @@ class StateCollector(Collector):
             if cache is None:
                 continue
             flights.add_metric([name], cache.in_flight)
+            waiters.add_metric([name], cache.waiters)
             store = cache.store
             if isinstance(store, MemoryStore):
                 held.add_metric([name], store.bytes_held)
@@ -100,6 +105,7 @@ class StateCollector(Collector):
         yield held
         yield entries
         yield flights
+        yield waiters
 
 
 def _task_count(state: GatewayState) -> int:

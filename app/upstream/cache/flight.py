@@ -29,11 +29,12 @@ class FlightCancelledError(ResourceClosedError):
 
 
 class Flight(Generic[T]):
-    __slots__ = ("task", "waiters")
+    __slots__ = ("_forget", "task", "waiters")
 
-    def __init__(self, task: asyncio.Task[T]) -> None:
+    def __init__(self, task: asyncio.Task[T], forget: Callable[[Flight[T]], None]) -> None:
         self.task = task
         self.waiters = 0
+        self._forget = forget
 
     async def wait(self) -> T:
         """The shared call's result, or its exception. Raises FlightCancelledError when the call was cancelled but
@@ -49,6 +50,9 @@ class Flight(Generic[T]):
         finally:
             self.waiters -= 1
             if self.waiters == 0 and not self.task.done():
+                # Out of the table at once: a caller arriving while the task is still being cancelled starts a
+                # call of its own rather than join one that is going away.
+                self._forget(self)
                 self.task.cancel()
 
 
@@ -61,18 +65,22 @@ class SingleFlight(Generic[T]):
     def __len__(self) -> int:
         return len(self._flights)
 
+    @property
+    def waiters(self) -> int:
+        """Callers waiting on a call in flight, its leader included."""
+        return sum(flight.waiters for flight in self._flights.values())
+
     def join(self, key: str, start: Callable[[], Coroutine[Any, Any, T]]) -> tuple[Flight[T], bool]:
         """The flight for ``key`` and whether this caller leads it (``start()`` was called to make it). Nothing
         awaits between this and ``Flight.wait()``, so the flight cannot end unwaited. Raises ResourceClosedError
         after aclose()."""
         flight = self._flights.get(key)
-        # A done task is still here only when it was cancelled before it ever ran (its own cleanup never ran).
-        if flight is not None and not flight.task.done():
+        if flight is not None:
             return flight, False
         if self._closed:
             raise ResourceClosedError("single flight is closed")
-        flight = Flight(asyncio.get_running_loop().create_task(self._run(key, start), name=f"flight:{self._name}"))
-        self._flights[key] = flight
+        task = asyncio.get_running_loop().create_task(self._run(key, start), name=f"flight:{self._name}")
+        flight = self._flights[key] = Flight(task, lambda gone: self._forget(key, gone))
         return flight, True
 
     async def _run(self, key: str, start: Callable[[], Coroutine[Any, Any, T]]) -> T:
@@ -84,9 +92,14 @@ class SingleFlight(Generic[T]):
             if flight is not None and flight.task is asyncio.current_task():
                 del self._flights[key]
 
+    def _forget(self, key: str, flight: Flight[T]) -> None:
+        if self._flights.get(key) is flight:
+            del self._flights[key]
+
     async def aclose(self) -> None:
         self._closed = True
         tasks = [flight.task for flight in self._flights.values()]
+        self._flights.clear()
         for task in tasks:
             task.cancel()
         if tasks:

@@ -124,6 +124,10 @@ class CachedCalls(Generic[R]):
     def in_flight(self) -> int:
         return len(self._flights) if self._flights is not None else 0
 
+    @property
+    def waiters(self) -> int:
+        return self._flights.waiters if self._flights is not None else 0
+
     async def aclose(self) -> None:
         if self._flights is not None:
             await self._flights.aclose()
