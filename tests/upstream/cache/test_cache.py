@@ -5,7 +5,6 @@ differently per request header, so that an answer served to the wrong client wou
 
 from __future__ import annotations
 
-import asyncio
 import time
 
 import aiohttp
@@ -239,9 +238,12 @@ async def test_many_sources_of_one_aggregate_share_one_call_without_a_cache(upst
 
 async def test_the_cache_field_is_in_the_openapi_document() -> None:
     settings = make_settings()
-    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
-        async with client.get(f"{gw.url}/openapi.json") as resp:
-            doc = await resp.json()
+    async with (
+        running_gateway(settings) as gw,
+        aiohttp.ClientSession() as client,
+        client.get(f"{gw.url}/openapi.json") as resp,
+    ):
+        doc = await resp.json()
     cache = doc["components"]["schemas"]["SourceResult"]["properties"]["cache"]
     values = {v for option in cache["anyOf"] for v in option.get("enum", [])}
     assert values == {"hit", "miss", "coalesced", "stale"}
@@ -254,4 +256,3 @@ async def test_an_upstream_without_cache_settings_keeps_no_cache_layer(upstream:
         ups = gw.state.upstreams.upstreams
         assert ups["u"].cache is None  # decided at start-up: its calls go straight to the upstream
         assert ups["c"].cache is not None
-    await asyncio.sleep(0)

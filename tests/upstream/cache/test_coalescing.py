@@ -15,9 +15,9 @@ from tests.support.upstream import Behavior, Gate, UpstreamServer
 from tests.upstream.cache.conftest import cache_metric, cached_cfg, source
 
 
-async def waiting(gw: RunningGateway, n: int, timeout: float = 10.0) -> None:
-    """Until ``n`` calls wait on the upstream's flight (the gauge the gateway exports)."""
-    deadline = time.monotonic() + timeout
+async def waiting(gw: RunningGateway, n: int) -> None:
+    """Until ``n`` calls wait on the upstream's flight (the gauge the gateway exports), for 10 s at most."""
+    deadline = time.monotonic() + 10
     while (now := cache_metric(gw, "gateway_upstream_cache_flight_waiters", upstream="u")) != n:
         assert time.monotonic() < deadline, f"{now} waiters, not {n}"
         await asyncio.sleep(0.005)

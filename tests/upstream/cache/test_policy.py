@@ -85,10 +85,12 @@ def test_answers_to_credentialed_requests(headers: dict[str, str], shared: bool)
 
 def test_an_answer_stored_without_credentials_serves_only_requests_without() -> None:
     got = freshness(200, CIMultiDict({"Cache-Control": "max-age=60"}), private_request=False, default_ttl_s=0, now=NOW)
-    assert got is not None and not got.with_credentials
+    assert got is not None
+    assert not got.with_credentials
     public = freshness(200, CIMultiDict({"Cache-Control": "public, max-age=60"}), private_request=False,
                        default_ttl_s=0, now=NOW)  # fmt: skip
-    assert public is not None and public.with_credentials
+    assert public is not None
+    assert public.with_credentials
 
 
 @pytest.mark.parametrize(
@@ -98,7 +100,8 @@ def test_an_answer_stored_without_credentials_serves_only_requests_without() -> 
 )  # fmt: skip
 def test_revalidation_forbids_stale(cc: str, stale_ok: bool) -> None:
     got = freshness(200, CIMultiDict({"Cache-Control": cc}), private_request=False, default_ttl_s=0, now=NOW)
-    assert got is not None and got.stale_ok is stale_ok
+    assert got is not None
+    assert got.stale_ok is stale_ok
 
 
 @pytest.mark.parametrize(
