@@ -185,8 +185,11 @@ class Settings(BaseSettings):
         shared = sorted(n for n, up in self.upstreams.items() if up.cache.enabled and up.cache.backend == "redis")
         if shared and self.cache_redis_url is None:
             raise ValueError(
-                f"upstreams {', '.join(shared)}: cache.backend 'redis' needs cache.redis_url "
-                "(GATEWAY_CACHE__REDIS_URL) or rate_limit.redis_url"
+                "; ".join(
+                    f"upstreams.{name}.cache.backend: 'redis' needs cache.redis_url (GATEWAY_CACHE__REDIS_URL) "
+                    "or rate_limit.redis_url"
+                    for name in shared
+                )
             )
         return self
 
