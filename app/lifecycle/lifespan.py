@@ -114,9 +114,7 @@ def build_lifespan(state: GatewayState) -> Callable[[FastAPI], AbstractAsyncCont
             admission.observe(metrics)
             metrics.add_collector(StateCollector(state, sampler.worst_recent_s))
             metrics.upstream.prime(settings.upstreams)
-            metrics.cache.prime(
-                (name, up.cache.enabled, up.cache.backend) for name, up in settings.upstreams.items() if up.cache.active
-            )
+            metrics.cache.prime((name, up.cache.enabled) for name, up in settings.upstreams.items() if up.cache.active)
             metrics.security.prime(key.name for key in settings.auth.keys)
             state.tracing = Tracing(obs.tracing, provider=state.tracer_provider)
             await _open(stack, readiness, "tracing", state.tracing)

@@ -242,14 +242,14 @@ class CacheMetrics:
         )  # fmt: skip
         self._children: dict[tuple[str, str], Counter] = {}
 
-    def prime(self, upstreams: Iterable[tuple[str, bool, str]]) -> None:
-        """``(name, stores, backend)`` for each upstream with a cache or a single flight."""
-        for name, stores, backend in upstreams:
+    def prime(self, upstreams: Iterable[tuple[str, bool]]) -> None:
+        """``(name, stores)`` for each upstream with a cache or a single flight (``stores``: with a cache)."""
+        for name, stores in upstreams:
             for result in self.RESULTS:
                 self._children[name, result] = self._results.labels(name, result)
             if stores:
+                # For a memory-backed cache too (always 0 there): one query serves every upstream's panel.
                 self._evictions.labels(name)
-            if stores and backend == "redis":
                 self._backend_errors.labels(name)
 
     def cache_result(self, upstream: str, result: CacheOutcome) -> None:

@@ -102,7 +102,8 @@ def stack(pg_dsn: str) -> Iterator[Stack]:
                 workdir,
                 config(
                     database_url=pg_dsn,
-                    upstreams={"idle_up": {"base_url": ups["idle_up"].url}},
+                    # With a cache: its series exist (at 0) for the dashboard's cache panels.
+                    upstreams={"idle_up": {"base_url": ups["idle_up"].url, "cache": {"enabled": True}}},
                     queries={"one": {"sql": "SELECT 1 AS one"}},
                 ),
             )

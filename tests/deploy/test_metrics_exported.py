@@ -17,7 +17,8 @@ async def scrape_after_traffic(pg_dsn: str, upstream: UpstreamServer) -> str:
     settings = make_settings(
         database_url=pg_dsn,
         compute={"enabled": True, "workers": 1},
-        upstreams={"users": {"base_url": upstream.url}},
+        # With a cache, whose series the dashboard reads too.
+        upstreams={"users": {"base_url": upstream.url, "cache": {"enabled": True}}},
         queries={"orders_of": {"sql": "SELECT id FROM orders WHERE user_id = %(u)s", "params": {"u": "int"}}},
         # A configured key is what gateway_rate_limited_total{key} is labelled by (authentication stays off here).
         auth={"enabled": False, "keys": [{"name": "ops", "hash": "sha256:" + "ab" * 32, "scopes": ["aggregate"]}]},
