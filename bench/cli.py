@@ -19,7 +19,7 @@ from typing import Any
 from bench import report
 from bench.harness import PROFILES, Bench
 from bench.procs import Pinning
-from bench.scenarios import database, drain, fanout, latency, overload, transforms
+from bench.scenarios import database, drain, fanout, hotkeys, latency, overload, transforms
 from bench.tools import ensure_tools, machine
 
 SCENARIOS: dict[str, ModuleType] = {
@@ -29,6 +29,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "transforms": transforms,
     "overload": overload,
     "drain": drain,
+    "hotkeys": hotkeys,
 }
 ROOT = Path(__file__).resolve().parent.parent
 
