@@ -61,6 +61,7 @@ async def pools(request: Request) -> JSONResponse:
                 "limit": up.config.max_concurrency,
                 "breaker": up.breaker.state.name.lower(),
                 "breaker_retry_after_s": round(up.breaker.retry_after_s(), 3),
+                "cache": up.cache.snapshot() if up.cache is not None else None,
             }
     return JSONResponse(body)
 

@@ -128,6 +128,12 @@ class CachedCalls(Generic[R]):
     def waiters(self) -> int:
         return self._flights.waiters if self._flights is not None else 0
 
+    def snapshot(self) -> dict[str, object]:
+        """For /debug/pools: the store, what it holds (in memory), the calls in flight and their waiters."""
+        held = {"entries": getattr(self.store, "entries", None), "bytes": getattr(self.store, "bytes_held", None)}
+        kind = None if self.store is None else ("redis" if self.store.shared else "memory")
+        return {"store": kind, **held, "flights": self.in_flight, "waiters": self.waiters}
+
     async def aclose(self) -> None:
         if self._flights is not None:
             await self._flights.aclose()

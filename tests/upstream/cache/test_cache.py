@@ -251,8 +251,18 @@ async def test_the_cache_field_is_in_the_openapi_document() -> None:
 
 
 async def test_an_upstream_without_cache_settings_keeps_no_cache_layer(upstream: UpstreamServer) -> None:
-    settings = make_settings(upstreams={"u": upstream_cfg(upstream.url), "c": cached_cfg(upstream.url)})
-    async with running_gateway(settings) as gw:
+    upstream.set("/item", Behavior(headers=FRESH))
+    settings = make_settings(
+        upstreams={"u": upstream_cfg(upstream.url), "c": cached_cfg(upstream.url)}, observability={"admin_port": 0}
+    )
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
         ups = gw.state.upstreams.upstreams
         assert ups["u"].cache is None  # decided at start-up: its calls go straight to the upstream
         assert ups["c"].cache is not None
+        await source(client, gw, upstream="c")
+        async with client.get(f"http://127.0.0.1:{gw.state.admin_port}/debug/pools") as resp:
+            pools = (await resp.json())["upstreams"]
+    assert pools["u"]["cache"] is None
+    held = pools["c"]["cache"]
+    assert (held["store"], held["entries"], held["flights"], held["waiters"]) == ("memory", 1, 0, 0)
+    assert held["bytes"] > 0
