@@ -46,12 +46,16 @@ def parse_cache_control(value: str | None) -> dict[str, str | None]:
     return directives
 
 
+# RFC 9111 1.2.2: a delta-seconds too large to hold is taken as 2^31.
+MAX_DELTA_SECONDS = 2.0**31
+
+
 def delta_seconds(value: str | None) -> float | None:
     """A delta-seconds argument; an invalid one is 0 (RFC 9111 1.2.2: treat it as stale)."""
     if value is None:
         return None
     value = value.strip()
-    return float(value) if value.isdigit() else 0.0
+    return min(float(value), MAX_DELTA_SECONDS) if value.isascii() and value.isdigit() else 0.0
 
 
 def _http_date(value: str | None) -> float | None:
@@ -59,7 +63,7 @@ def _http_date(value: str | None) -> float | None:
         return None
     try:
         parsed = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     return parsed.timestamp() if parsed.tzinfo is not None else None
 

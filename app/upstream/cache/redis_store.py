@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 
+import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 32
 BACKOFF_AFTER_FAILURE_S = 1.0
+# Redis refuses expiry times past what it can hold; no entry is of use for a year anyway.
+MAX_TTL_MS = 365 * 86_400 * 1000
 
 
 class RedisCache:
@@ -139,7 +142,11 @@ class RedisStore:
         if ttl_ms <= 0:
             return False
         try:
-            await self._cache.set(self._namespace + key, encode(entry), ttl_ms)
+            raw = encode(entry)
+        except orjson.JSONEncodeError:  # a header value JSON cannot hold (a lone surrogate): not stored
+            return False
+        try:
+            await self._cache.set(self._namespace + key, raw, min(ttl_ms, MAX_TTL_MS))
         except CacheBackendError:
             self._failed()
             return False

@@ -119,3 +119,15 @@ def test_revalidation_forbids_stale(cc: str, stale_ok: bool) -> None:
 def test_request_directives(cc: str | None, pragma: str | None, lookup: bool, store: bool) -> None:
     rules = request_rules(cc, pragma)
     assert (rules.lookup, rules.store) == (lookup, store)
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999", "\uff11\uff12", "-5", "1e3", " 7 "])
+def test_odd_delta_seconds_never_raise(value: str) -> None:
+    got = freshness(200, CIMultiDict({"Cache-Control": f"max-age={value}", "Age": value}), private_request=False,
+                    default_ttl_s=0, now=NOW)  # fmt: skip
+    assert got is None or 0 < got.lifetime_s <= 2**31
+
+
+@pytest.mark.parametrize("expires", ["Thu, 01 Jan 99999 00:00:00 GMT", "garbage", "", "Mon, 32 Foo 2020 99:99:99 GMT"])
+def test_odd_expires_never_raise(expires: str) -> None:
+    assert fresh({"Expires": expires, "Date": "nonsense"}, ttl=30) is None
