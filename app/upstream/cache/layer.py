@@ -14,7 +14,8 @@ The order, for a GET or HEAD without a body (anything else goes straight to the 
                  entry is the answer (``stale``).
 
 A waiter that joined a flight with an earlier deadline than its own, and saw it end at that deadline, leads a call
-of its own with the time it has left.
+of its own with the time it has left. A waiter's own deadline is enforced by its caller (the aggregate's deadline
+timer cancels it, app/aggregate/execute.py): cancelled, it only leaves the flight.
 """
 
 from __future__ import annotations
