@@ -5,12 +5,15 @@ before, with no per-call cost."""
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING
 
 from app.settings import Settings, UpstreamConfig
 from app.upstream.cache.entry import Entry
 from app.upstream.cache.layer import CachedCalls, CacheObserver, R, Store
 from app.upstream.cache.memory import MemoryStore
-from app.upstream.cache.redis_store import RedisCache, RedisStore
+
+if TYPE_CHECKING:
+    from app.upstream.cache.redis_store import RedisCache
 
 
 def shared_cache(settings: Settings) -> RedisCache | None:
@@ -18,6 +21,10 @@ def shared_cache(settings: Settings) -> RedisCache | None:
     url = settings.cache_redis_url
     if url is None or not any(up.cache.enabled and up.cache.backend == "redis" for up in settings.upstreams.values()):
         return None
+    # Imported here, as the rate limiter's is (app/security/guard.py): redis.asyncio takes up to a second to
+    # import, which only a gateway that uses it should pay at start-up.
+    from app.upstream.cache.redis_store import RedisCache
+
     return RedisCache(url.get_secret_value(), prefix=settings.cache.redis_prefix,
                       timeout_s=settings.cache.redis_timeout_ms / 1000)  # fmt: skip
 
@@ -38,6 +45,8 @@ def cached_calls(
     store: Store | None = None
     if cache.enabled and cache.backend == "redis":
         assert redis is not None, "settings validation requires a redis URL for a redis-backed cache"
+        from app.upstream.cache.redis_store import RedisStore
+
         store = RedisStore(redis, name, cache.max_bytes, on_error=_backend_errors(name, observer))
     elif cache.enabled:
         store = MemoryStore(cache.max_bytes, on_evict=_evictions(name, observer))
