@@ -128,3 +128,24 @@ async def test_a_redis_that_is_down_or_hangs_is_a_bounded_miss(
             assert took < 0.5, f"{took * 1000:.0f} ms"
         assert upstream.count("/item") == 3
         assert cache_metric(gw, "gateway_upstream_cache_backend_errors_total", upstream="u") >= 3
+
+
+async def test_an_expired_entry_in_redis_stands_in_for_a_failing_upstream(
+    upstream: UpstreamServer,
+    redis_url: str,  # noqa: F811
+    redis_prefix: str,  # noqa: F811
+) -> None:
+    upstream.set("/item", Behavior(json={"v": "shared"}))
+    cache = {"backend": "redis", "default_ttl_s": 0.2, "stale_if_error_s": 60}
+    settings = make_settings(
+        cache={"redis_url": redis_url, "redis_prefix": redis_prefix},
+        upstreams={"u": cached_cfg(upstream.url, cache)},
+    )
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        assert (await source(client, gw))["cache"] == "miss"
+        upstream.set("/item", Behavior(status=502))
+        deadline = time.monotonic() + 5
+        while (result := await source(client, gw))["cache"] == "hit":
+            assert time.monotonic() < deadline, "the entry never expired"
+        assert (result["ok"], result["cache"], result["data"]) == (True, "stale", {"v": "shared"})
+        assert cache_metric(gw, "gateway_upstream_cache_backend_errors_total", upstream="u") == 0
