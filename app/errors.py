@@ -5,6 +5,7 @@ GatewayError
 ├── ResourceClosedError         a resource was used after aclose()
 ├── StartupError                a resource could not be opened (the database is unreachable, ...)
 ├── RateLimitBackendError       the shared rate-limit backend did not answer; [rate_limit] failure_mode decides
+├── CacheBackendError           the shared cache did not answer in time; the lookup is a miss, the source goes on
 ├── ProblemError                answered to the client as an RFC 9457 problem (app/problems.py)
 │   ├── BadRequestError         400: the request is malformed or names things that do not exist
 │   │   ├── MalformedInputError    400: the body is not the JSON or .npy it claims to be, or is cut short
@@ -91,6 +92,10 @@ class StartupError(GatewayError):
 
 
 class RateLimitBackendError(GatewayError):
+    pass
+
+
+class CacheBackendError(GatewayError):
     pass
 
 

@@ -19,7 +19,7 @@ from typing import Any
 from bench import report
 from bench.harness import PROFILES, Bench
 from bench.procs import Pinning
-from bench.scenarios import balancing, database, drain, fanout, latency, overload, transforms
+from bench.scenarios import balancing, database, drain, fanout, hotkeys, latency, overload, transforms
 from bench.tools import ensure_tools, machine
 
 SCENARIOS: dict[str, ModuleType] = {
@@ -30,6 +30,7 @@ SCENARIOS: dict[str, ModuleType] = {
     "overload": overload,
     "drain": drain,
     "balancing": balancing,
+    "hotkeys": hotkeys,
 }
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -129,7 +129,7 @@ class Aggregator:
                 status, data = result.status, await self._decode(plan, result)
             else:
                 status, data = None, select(await self._query(plan, deadline, progress), plan.fields)
-            return ok(status, data, started, progress.attempts)
+            return ok(status, data, started, progress.attempts, progress.cache)
         except asyncio.CancelledError:
             # The request's deadline timer (run) cancels once; a cancellation from anywhere else (the client went
             # away, the server is cutting the drain short) stays a cancellation, as asyncio.timeout() does it.
@@ -137,12 +137,12 @@ class Aggregator:
             if not self._expired or task is None or task.uncancel() > 0:
                 raise
             err = DeadlineExceededError("the request's deadline passed before this source finished")
-            return failed(err, started, progress.attempts)
+            return failed(err, started, progress.attempts, progress.cache)
         except TimeoutError:
             err = DeadlineExceededError("the request's deadline passed before this source finished")
-            return failed(err, started, progress.attempts)
+            return failed(err, started, progress.attempts, progress.cache)
         except SourceError as err:
-            return failed(err, started, progress.attempts)
+            return failed(err, started, progress.attempts, progress.cache)
 
     async def _decode(self, plan: UpstreamPlan, result: Result) -> Any:
         body = result.body

@@ -101,6 +101,9 @@ class SourceErrorBody(TypedDict):
     message: str
 
 
+CacheOutcome = Literal["hit", "miss", "coalesced", "stale"]
+
+
 class SourceResult(TypedDict):
     ok: bool
     status: int | None
@@ -108,6 +111,10 @@ class SourceResult(TypedDict):
     error: SourceErrorBody | None
     elapsed_ms: float
     attempts: int
+    # How the upstream's cache took part (null: it has no cache or single flight, or the source is a query):
+    # "hit" a fresh stored answer, "miss" this source called the upstream, "coalesced" it shared another
+    # caller's call, "stale" an expired answer served because the upstream failed.
+    cache: CacheOutcome | None
 
 
 class AggregateResponse(BaseModel):

@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from app.aggregate.models import SourceResult
+from app.aggregate.models import CacheOutcome, SourceResult
 from app.errors import SourceError
 
 
@@ -26,7 +26,7 @@ def merge_flat(results: Mapping[str, SourceResult]) -> dict[str, Any]:
     return merged
 
 
-def ok(status: int | None, data: Any, started: float, attempts: int) -> SourceResult:
+def ok(status: int | None, data: Any, started: float, attempts: int, cache: CacheOutcome | None = None) -> SourceResult:
     return {
         "ok": True,
         "status": status,
@@ -34,10 +34,11 @@ def ok(status: int | None, data: Any, started: float, attempts: int) -> SourceRe
         "error": None,
         "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         "attempts": attempts,
+        "cache": cache,
     }
 
 
-def failed(err: SourceError, started: float, attempts: int) -> SourceResult:
+def failed(err: SourceError, started: float, attempts: int, cache: CacheOutcome | None = None) -> SourceResult:
     return {
         "ok": False,
         "status": err.status,
@@ -45,4 +46,5 @@ def failed(err: SourceError, started: float, attempts: int) -> SourceResult:
         "error": {"type": err.kind, "message": err.message},
         "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         "attempts": attempts,
+        "cache": cache,
     }

@@ -10,6 +10,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from app.state import GatewayState
+from app.upstream.cache.memory import MemoryStore
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -72,13 +73,40 @@ class StateCollector(Collector):
         breaker = GaugeMetricFamily(
             "gateway_upstream_breaker_state", "0 closed, 1 half-open, 2 open.", labels=["upstream"]
         )
+        held = GaugeMetricFamily(
+            "gateway_upstream_cache_bytes", "Bytes held by the in-memory cache (entries, keys, overhead).",
+            labels=["upstream"],
+        )  # fmt: skip
+        entries = GaugeMetricFamily(
+            "gateway_upstream_cache_entries", "Entries in the in-memory cache.", labels=["upstream"]
+        )
+        flights = GaugeMetricFamily(
+            "gateway_upstream_cache_flights", "Shared calls in flight (single flight).", labels=["upstream"]
+        )
+        waiters = GaugeMetricFamily(
+            "gateway_upstream_cache_flight_waiters", "Calls waiting on a shared call, its leader included.",
+            labels=["upstream"],
+        )  # fmt: skip
         for name, up in client.upstreams.items():
             in_flight.add_metric([name], up.in_flight)
             limit.add_metric([name], up.config.max_concurrency)
             breaker.add_metric([name], int(up.breaker.state))
+            cache = up.cache
+            if cache is None:
+                continue
+            flights.add_metric([name], cache.in_flight)
+            waiters.add_metric([name], cache.waiters)
+            store = cache.store
+            if isinstance(store, MemoryStore):
+                held.add_metric([name], store.bytes_held)
+                entries.add_metric([name], store.entries)
         yield in_flight
         yield limit
         yield breaker
+        yield held
+        yield entries
+        yield flights
+        yield waiters
 
     def _endpoints(self) -> Iterator[Metric]:
         """Upstreams with several endpoints: how many are in each state, and the ejections; per endpoint only when

@@ -7,7 +7,9 @@ Order and why:
                      when authentication is on without keys
   2. http             the shared aiohttp session
   3. upstreams        limits, breakers and retry budgets per upstream; for those with several endpoints, a
-                     connector per endpoint, the DNS refresh (its own two resolver threads), health checks
+                     connector per endpoint, the DNS refresh (its own two resolver threads), health checks; caches
+                     and single flights, and the shared cache's Redis connection pool when an upstream keeps its
+                     entries there
   4. database         the bounded DB thread executor and the psycopg2 pool it owns (connections opened off the loop)
   5. cpu_pool         worker processes, pre-warmed
   5b. diagnostics     fault handler, SIGUSR1 dump, task ages, tracemalloc when configured
@@ -114,6 +116,7 @@ def build_lifespan(state: GatewayState) -> Callable[[FastAPI], AbstractAsyncCont
             admission.observe(metrics)
             metrics.add_collector(StateCollector(state, sampler.worst_recent_s))
             metrics.upstream.prime(settings.upstreams)
+            metrics.cache.prime((name, up.cache.enabled) for name, up in settings.upstreams.items() if up.cache.active)
             metrics.security.prime(key.name for key in settings.auth.keys)
             state.tracing = Tracing(obs.tracing, provider=state.tracer_provider)
             await _open(stack, readiness, "tracing", state.tracing)
@@ -122,7 +125,9 @@ def build_lifespan(state: GatewayState) -> Callable[[FastAPI], AbstractAsyncCont
 
             state.http = HttpSession(settings.http)
             await _open(stack, readiness, "http", state.http)
-            state.upstreams = UpstreamClient(settings, state.http, observer=metrics.upstream)
+            state.upstreams = UpstreamClient(
+                settings, state.http, observer=metrics.upstream, cache_observer=metrics.cache
+            )
             await _open(stack, readiness, "upstreams", state.upstreams)
 
             if settings.database_url is not None:

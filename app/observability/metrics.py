@@ -21,6 +21,7 @@ from app import __version__
 if TYPE_CHECKING:
     from app.compute.stats import ExitReason, JobRecord
     from app.upstream.breaker import BreakerState
+    from app.upstream.cache.layer import CacheOutcome
 
 LOOP_LAG_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -86,6 +87,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
         self.upstream = UpstreamMetrics(r)
+        self.cache = CacheMetrics(r)
         self.security = SecurityMetrics(r)
 
         # Known label values start at 0, so rate() and dashboards see a series before the first event.
@@ -218,6 +220,49 @@ class UpstreamMetrics:
 
     def breaker_refused(self, upstream: str) -> None:
         self._refused.labels(upstream).inc()
+
+
+class CacheMetrics:
+    """CacheObserver for app.upstream.cache (one upstream's cache and single flight); labels are upstream names
+    from the config and a closed set of results. Bytes and entries held are gauges read at scrape time
+    (app/lifecycle/gauges.py)."""
+
+    RESULTS = ("hit", "miss", "coalesced", "stale")
+
+    def __init__(self, r: CollectorRegistry) -> None:
+        self._results = Counter(
+            "gateway_upstream_cache", "Cacheable calls by how the cache took part.", ["upstream", "result"], registry=r
+        )
+        self._evictions = Counter(
+            "gateway_upstream_cache_evictions", "Entries evicted to stay within max_bytes.", ["upstream"], registry=r
+        )
+        self._backend_errors = Counter(
+            "gateway_upstream_cache_backend_errors", "Shared cache (Redis) failures, each a miss or a store skipped.",
+            ["upstream"], registry=r,
+        )  # fmt: skip
+        self._children: dict[tuple[str, str], Counter] = {}
+
+    def prime(self, upstreams: Iterable[tuple[str, bool]]) -> None:
+        """``(name, stores)`` for each upstream with a cache or a single flight (``stores``: with a cache)."""
+        for name, stores in upstreams:
+            for result in self.RESULTS:
+                self._children[name, result] = self._results.labels(name, result)
+            if stores:
+                # For a memory-backed cache too (always 0 there): one query serves every upstream's panel.
+                self._evictions.labels(name)
+                self._backend_errors.labels(name)
+
+    def cache_result(self, upstream: str, result: CacheOutcome) -> None:
+        child = self._children.get((upstream, result))
+        if child is None:
+            child = self._children[upstream, result] = self._results.labels(upstream, result)
+        child.inc()
+
+    def cache_evicted(self, upstream: str, entries: int) -> None:
+        self._evictions.labels(upstream).inc(entries)
+
+    def cache_backend_error(self, upstream: str) -> None:
+        self._backend_errors.labels(upstream).inc()
 
 
 class SecurityMetrics:

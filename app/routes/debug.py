@@ -64,6 +64,7 @@ async def pools(request: Request) -> JSONResponse:
                 # Several endpoints: each with its state; none (null) for a single base_url.
                 "policy": up.config.policy if up.endpoints is not None else None,
                 "endpoints": up.endpoints.snapshot() if up.endpoints is not None else None,
+                "cache": up.cache.snapshot() if up.cache is not None else None,
             }
     return JSONResponse(body)
 

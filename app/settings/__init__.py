@@ -43,6 +43,9 @@ from app.settings.sections import (
     AuthSettings as AuthSettings,
 )
 from app.settings.sections import (
+    CacheSettings as CacheSettings,
+)
+from app.settings.sections import (
     ComputeSettings as ComputeSettings,
 )
 from app.settings.sections import (
@@ -106,6 +109,9 @@ from app.settings.sources import (
     RetryPolicy as RetryPolicy,
 )
 from app.settings.sources import (
+    UpstreamCache as UpstreamCache,
+)
+from app.settings.sources import (
     UpstreamConfig as UpstreamConfig,
 )
 from app.settings.sources import (
@@ -129,6 +135,7 @@ class Settings(BaseSettings):
     auth: AuthSettings = AuthSettings()
     rate_limit: RateLimitSettings = RateLimitSettings()
     cors: CorsSettings = CorsSettings()
+    cache: CacheSettings = CacheSettings()
     upstreams: dict[Name, UpstreamConfig] = Field(default_factory=dict)
     queries: dict[Name, QueryConfig] = Field(default_factory=dict)
     composites: dict[Name, CompositeConfig] = Field(default_factory=dict)
@@ -178,6 +185,24 @@ class Settings(BaseSettings):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    @model_validator(mode="after")
+    def _shared_cache_has_redis(self) -> Settings:
+        shared = sorted(n for n, up in self.upstreams.items() if up.cache.enabled and up.cache.backend == "redis")
+        if shared and self.cache_redis_url is None:
+            raise ValueError(
+                "; ".join(
+                    f"upstreams.{name}.cache.backend: 'redis' needs cache.redis_url (GATEWAY_CACHE__REDIS_URL) "
+                    "or rate_limit.redis_url"
+                    for name in shared
+                )
+            )
+        return self
+
+    @property
+    def cache_redis_url(self) -> SecretStr | None:
+        """The shared cache's Redis: its own, else the rate limiter's."""
+        return self.cache.redis_url if self.cache.redis_url is not None else self.rate_limit.redis_url
 
     @model_validator(mode="after")
     def _key_allowlists_resolve(self) -> Settings:

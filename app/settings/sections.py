@@ -258,6 +258,18 @@ class RateLimitSettings(_Section):
         return self
 
 
+class CacheSettings(_Section):
+    """``[cache]``: where upstreams with ``cache.backend = "redis"`` keep their entries, shared by every replica."""
+
+    redis_url: SecretStr | None = Field(
+        None, description="redis://host:6379/0 (GATEWAY_CACHE__REDIS_URL); default: rate_limit.redis_url."
+    )
+    redis_prefix: str = Field("gateway:cache:", min_length=1, max_length=128)
+    redis_timeout_ms: PositiveMs = Field(
+        50.0, description="Per command; past it the lookup is a miss, and the source never fails for it."
+    )
+
+
 class CorsSettings(_Section):
     """Off unless origins are listed; a JSON API called by servers needs none."""
 

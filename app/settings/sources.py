@@ -120,6 +120,32 @@ def _origin(url: str) -> tuple[str, str, int]:
     return parts.scheme, (parts.hostname or "").lower(), port
 
 
+class UpstreamCache(_Section):
+    """``[upstreams.X.cache]``: a shared HTTP cache (RFC 9111) of this upstream's answers, and single-flight
+    coalescing of identical concurrent calls (app/upstream/cache/)."""
+
+    enabled: bool = Field(False, description="Store answers and serve them while fresh.")
+    coalesce: bool | None = Field(
+        None, description="Identical concurrent GET/HEAD calls share one upstream call (default: as enabled)."
+    )
+    default_ttl_s: float = Field(
+        0.0, ge=0, le=86_400, description="Freshness when the upstream gives none (0: only what it marks)."
+    )
+    max_bytes: int = Field(64 * 1024 * 1024, ge=1, le=2**40, description="Bytes held, least recently used out.")
+    stale_if_error_s: float = Field(
+        0.0, ge=0, le=86_400, description="Serve an expired answer this long past expiry while the upstream fails."
+    )
+    backend: Literal["memory", "redis"] = Field("memory", description="redis: entries shared by every replica.")
+
+    @property
+    def coalescing(self) -> bool:
+        return self.enabled if self.coalesce is None else self.coalesce
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or self.coalescing
+
+
 class UpstreamConfig(_Section):
     # Required unless `endpoints` are given (then it defaults to the first of them). Beside `endpoints`, it names
     # the service: its path prefix, and its host name (sent as Host, and checked in the TLS handshake).
@@ -144,6 +170,7 @@ class UpstreamConfig(_Section):
     tls: UpstreamTls = UpstreamTls()
     retry: RetryPolicy = RetryPolicy()
     breaker: BreakerPolicy = BreakerPolicy()
+    cache: UpstreamCache = UpstreamCache()
 
     @field_validator("base_url")
     @classmethod

@@ -7,7 +7,7 @@ import asyncio
 import random
 import ssl
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -27,6 +27,9 @@ from app.errors import (
 from app.settings import Settings, UpstreamConfig
 from app.upstream.balancer import Endpoint
 from app.upstream.breaker import BreakerState, CircuitBreaker
+from app.upstream.cache.entry import Entry
+from app.upstream.cache.layer import CachedCalls, CacheObserver, CacheOutcome
+from app.upstream.cache.setup import cached_calls, shared_cache
 from app.upstream.call import Reply, call_once
 from app.upstream.endpoints import EndpointPool
 from app.upstream.resolver import Resolver, SystemResolver
@@ -63,6 +66,8 @@ class Upstream:
     # Several endpoints (UpstreamConfig.balanced, decided at start-up): each attempt picks one. None: the base URL
     # is called as it is, and a call pays nothing for balancing.
     endpoints: EndpointPool | None = None
+    # Its cache and single flight (app/upstream/cache/), or None: then every call goes straight to the upstream.
+    cache: CachedCalls[Result] | None = None
 
 
 @dataclass
@@ -80,6 +85,8 @@ class Progress:
     waited for a slot, sent nothing and counts for nothing."""
 
     attempts: int = 0
+    # How the cache took part: "hit", "miss", "coalesced" or "stale"; None for an upstream without one.
+    cache: CacheOutcome | None = None
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,7 @@ class UpstreamClient:
         http: HttpSession,
         *,
         observer: UpstreamObserver | None = None,
+        cache_observer: CacheObserver | None = None,
         rng: random.Random | None = None,
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -116,11 +124,13 @@ class UpstreamClient:
         in threads of its own); ``clock``: the outlier ejection's time."""
         self._http = http
         self._observer = observer
+        self._cache_observer = cache_observer
         self._rng = rng or random.Random()
         self._resolver = resolver
         self._own_resolver: SystemResolver | None = None
         self._clock = clock
         self._global = asyncio.Semaphore(settings.http.max_in_flight)
+        self._shared_cache = shared_cache(settings)
         self.upstreams = {name: self._make(name, cfg) for name, cfg in settings.upstreams.items()}
 
     def _make(self, name: str, cfg: UpstreamConfig) -> Upstream:
@@ -128,13 +138,22 @@ class UpstreamClient:
             if self._observer is not None:
                 self._observer.breaker_transition(name, to)
 
+        headers = {header: value.get_secret_value() for header, value in cfg.headers.items()}
         return Upstream(
             name=name,
             config=cfg,
             semaphore=asyncio.Semaphore(cfg.max_concurrency),
             breaker=CircuitBreaker(cfg.breaker, on_transition=transition),
             budget=RetryBudget(cfg.retry),
-            headers={header: value.get_secret_value() for header, value in cfg.headers.items()},
+            headers=headers,
+            cache=cached_calls(
+                name,
+                cfg,
+                gateway_headers=headers,
+                redis=self._shared_cache,
+                answer=_cached_result,
+                observer=self._cache_observer,
+            ),
         )
 
     async def start(self) -> None:
@@ -155,24 +174,41 @@ class UpstreamClient:
             )  # fmt: skip
             # Set before start(): aclose() closes a pool that failed half way.
             await up.endpoints.start()
+        if self._shared_cache is not None:
+            await self._shared_cache.start()
 
     async def aclose(self) -> None:
         for up in self.upstreams.values():
+            if up.cache is not None:
+                await up.cache.aclose()
             if up.endpoints is not None:
                 await up.endpoints.aclose()
+        if self._shared_cache is not None:
+            await self._shared_cache.aclose()
         if self._own_resolver is not None:
             await self._own_resolver.aclose()
 
-    async def call(
+    def call(
         self, name: str, out: Outbound, *, deadline: float, headers: Mapping[str, str], progress: Progress
-    ) -> Result:
+    ) -> Coroutine[Any, Any, Result]:
         """Call upstream ``name`` until success, a non-transient failure, the deadline, or the retry budget.
 
         Raises a SourceError leaf (its ``attempts`` set to the requests actually sent, 0 when none was):
         CircuitOpenError, DeadlineExceededError, UpstreamTimeoutError, UpstreamConnectError, UpstreamStatusError,
-        ResponseTooLargeError, BadResponseError.
+        ResponseTooLargeError, BadResponseError. Through the upstream's cache (when it has one), a fresh or stale
+        entry or another caller's call may answer instead (``progress.cache`` says which).
         """
         up = self.upstreams[name]
+        # Not a coroutine itself: the call's own coroutine is handed back, so that an upstream without a cache
+        # pays one attribute test per call and no extra frame.
+        if up.cache is not None:
+            return up.cache.call(out, deadline, progress, lambda: self._call(up, out, deadline, headers, progress))
+        return self._call(up, out, deadline, headers, progress)
+
+    async def _call(
+        self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str], progress: Progress
+    ) -> Result:
+        name = up.name
         loop = asyncio.get_running_loop()
         policy = up.config.retry
         retryable_method = out.method in IDEMPOTENT_METHODS
@@ -315,6 +351,10 @@ class UpstreamClient:
     def _observe(self, upstream: str, outcome: str, started: float) -> None:
         if self._observer is not None:
             self._observer.attempt(upstream, outcome, asyncio.get_running_loop().time() - started)
+
+
+def _cached_result(entry: Entry) -> Result:
+    return Result(status=entry.status, body=entry.body, headers=entry.headers, attempts=0)
 
 
 def _is_upstream_fault(err: SourceError) -> bool:

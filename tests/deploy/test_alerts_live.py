@@ -103,7 +103,8 @@ def stack(pg_dsn: str) -> Iterator[Stack]:
                 config(
                     database_url=pg_dsn,
                     upstreams={
-                        "idle_up": {"base_url": ups["idle_up"].url},
+                        # With a cache: its series exist (at 0) for the dashboard's cache panels.
+                        "idle_up": {"base_url": ups["idle_up"].url, "cache": {"enabled": True}},
                         # An upstream with several endpoints (one address standing in for a service name), with
                         # its per-endpoint series on, for the dashboard's endpoint panels.
                         "idle_pool": {

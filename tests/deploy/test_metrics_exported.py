@@ -17,10 +17,10 @@ async def scrape_after_traffic(pg_dsn: str, upstream: UpstreamServer) -> str:
     settings = make_settings(
         database_url=pg_dsn,
         compute={"enabled": True, "workers": 1},
-        # "pods": an upstream with several endpoints (here one address standing in for a service name), whose
-        # per-endpoint series are on.
+        # "users" with a cache, whose series the dashboard reads too; "pods": an upstream with several endpoints
+        # (here one address standing in for a service name), whose per-endpoint series are on.
         upstreams={
-            "users": {"base_url": upstream.url},
+            "users": {"base_url": upstream.url, "cache": {"enabled": True}},
             "pods": {"base_url": f"http://users.internal:{upstream.port}", "endpoints": [upstream.url]},
         },
         observability={"endpoint_metrics": True},

@@ -42,6 +42,31 @@ STREAM_CHUNK = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
+class Gate:
+    """Holds answers back until the test opens it (from any thread): `Behavior(gate=gate)`."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open = False
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def wait(self) -> None:
+        event = asyncio.Event()
+        with self._lock:
+            if self._open:
+                return
+            self._waiters.append((asyncio.get_running_loop(), event))
+        await event.wait()
+
+    def open(self) -> None:
+        with self._lock:
+            self._open = True
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody waits any more
+                loop.call_soon_threadsafe(event.set)
+
+
 @dataclass
 class Behavior:
     """How the server answers one path. `latency` delays the answer (for "slow_body": each byte)."""
@@ -58,6 +83,9 @@ class Behavior:
     # declare a Content-Length. A large body then costs this server's thread nothing before the client has the
     # headers, and only what the client reads: "normal" hands the whole body to the transport first.
     mode: Mode = "normal"
+    # The body (JSON) names these request headers' values: {"path": ..., "headers": {name: value or null}}.
+    echo: tuple[str, ...] = ()
+    gate: Gate | None = None  # answer only once it is open
 
 
 @dataclass(frozen=True, slots=True)
@@ -382,6 +410,8 @@ class UpstreamServer:
         """The response, and whether the client went away before it was complete."""
         if behavior.latency > 0 and behavior.mode != "slow_body":
             await asyncio.sleep(behavior.latency)
+        if behavior.gate is not None:
+            await behavior.gate.wait()
         if behavior.mode == "hang":
             await _forever()
         if behavior.mode in ("reset", "garbage"):
@@ -397,6 +427,9 @@ class UpstreamServer:
             return web.Response(), False
 
         payload = behavior.body
+        if behavior.echo:
+            echoed = {name: request.headers.get(name) for name in behavior.echo}
+            payload = orjson.dumps({"path": request.path, "headers": echoed})
         if payload is None:
             payload = orjson.dumps(behavior.json if behavior.json is not None else {"path": request.path, "ok": True})
         headers = CIMultiDict(behavior.headers)
