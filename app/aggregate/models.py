@@ -17,6 +17,9 @@ Scalar = Annotated[str, Field(max_length=4096)] | int | float | bool
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 HeaderName = Annotated[str, Field(max_length=256, pattern=HEADER_NAME_PATTERN)]
 HeaderValue = Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]
+# One call per element of the list a reference with [*] names (app/aggregate/refs.py), at most max_items of them.
+ForEach = Annotated[str, Field(min_length=4, max_length=1024)]
+MaxItems = Annotated[int, Field(ge=1, le=1000)]
 
 
 # Strict: JSON gives each value its type, and the gateway takes it as given (no "5" for 5), so that what the
@@ -30,6 +33,8 @@ class UpstreamSourceSpec(BaseModel):
     params: dict[Annotated[str, Field(max_length=256)], Scalar] = Field(default_factory=dict, max_length=64)
     body: Any = Field(None, alias="json")
     headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=32)
+    for_each: ForEach | None = None
+    max_items: MaxItems | None = None
 
     @field_validator("headers")
     @classmethod
@@ -48,6 +53,8 @@ class QuerySourceSpec(BaseModel):
 
     query: Name
     params: dict[Annotated[str, Field(max_length=256)], Scalar | None] = Field(default_factory=dict, max_length=64)
+    for_each: ForEach | None = None
+    max_items: MaxItems | None = None
 
 
 def _source_kind(value: Any) -> str | None:
@@ -108,6 +115,8 @@ class SourceResult(TypedDict):
     error: SourceErrorBody | None
     elapsed_ms: float
     attempts: int
+    started_ms: float
+    waited_for: list[str]
 
 
 class AggregateResponse(BaseModel):

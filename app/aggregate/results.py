@@ -6,7 +6,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from app.aggregate.models import SourceResult
+from app.aggregate.models import SourceErrorBody, SourceResult
 from app.errors import SourceError
 
 
@@ -26,7 +26,8 @@ def merge_flat(results: Mapping[str, SourceResult]) -> dict[str, Any]:
     return merged
 
 
-def ok(status: int | None, data: Any, started: float, attempts: int) -> SourceResult:
+def ok(status: int | None, data: Any, started: float, attempts: int, origin: float) -> SourceResult:
+    """``started``: when the source started (perf_counter); ``origin``: when the request did."""
     return {
         "ok": True,
         "status": status,
@@ -34,10 +35,12 @@ def ok(status: int | None, data: Any, started: float, attempts: int) -> SourceRe
         "error": None,
         "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         "attempts": attempts,
+        "started_ms": round((started - origin) * 1000, 1),
+        "waited_for": [],
     }
 
 
-def failed(err: SourceError, started: float, attempts: int) -> SourceResult:
+def failed(err: SourceError, started: float, attempts: int, origin: float) -> SourceResult:
     return {
         "ok": False,
         "status": err.status,
@@ -45,4 +48,28 @@ def failed(err: SourceError, started: float, attempts: int) -> SourceResult:
         "error": {"type": err.kind, "message": err.message},
         "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
         "attempts": attempts,
+        "started_ms": round((started - origin) * 1000, 1),
+        "waited_for": [],
+    }
+
+
+def fanned_out(items: list[SourceResult], started: float, origin: float) -> SourceResult:
+    """A for_each source's result: ``data`` is the list of its elements' results; it is ok when every one is, else
+    its error is the first failed element's, saying how many failed."""
+    failures = [(i, r) for i, r in enumerate(items) if not r["ok"]]
+    error: SourceErrorBody | None = None
+    if failures:
+        first, result = failures[0]
+        assert result["error"] is not None
+        message = f"{len(failures)} of {len(items)} calls failed; element {first}: {result['error']['message']}"
+        error = {"type": result["error"]["type"], "message": message}
+    return {
+        "ok": not failures,
+        "status": None,
+        "data": items,
+        "error": error,
+        "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
+        "attempts": sum(r["attempts"] for r in items),
+        "started_ms": round((started - origin) * 1000, 1),
+        "waited_for": [],
     }
