@@ -91,7 +91,10 @@ class UpstreamTemplate:
     def _url(self, values: Values) -> Any:
         path = "".join(p if isinstance(p, str) else quote(text(values.value(p, "path")), safe="") for p in self.path)
         segments = path.split("/")[1:]
-        if any(seg in (".", "..") for seg in segments) or "" in segments[:-1]:
+        # An empty last segment only where the template itself ends with '/': a value may not turn
+        # '/items/${x}' into '/items/', another resource.
+        last_empty = segments[-1] == "" and not (isinstance(self.path[-1], str) and self.path[-1].endswith("/"))
+        if any(seg in (".", "..") for seg in segments) or "" in segments[:-1] or last_empty:
             raise DependencyFailedError("path: the values referred to make an empty, '.' or '..' path segment")
         try:
             return join_url(self.base_url, path)
@@ -136,7 +139,9 @@ class QueryTemplate:
                 # As a composite's text is: the query's declared type converts it (a "42" from a JSON answer is 42).
                 params[name] = coerce(raw, self.config.params[name])
             except ValueError as exc:
-                raise DependencyFailedError(f"params.{name}: {exc} (a {describe(raw)} was referred to)") from None
+                raise DependencyFailedError(
+                    f"params.{name}: {exc} (the value referred to is {describe(raw)})"
+                ) from None
         return QueryPlan(self.query, self.config, params, self.fields, self.required)
 
 
