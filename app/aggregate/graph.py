@@ -83,7 +83,9 @@ def _cycles(graph: Graph, nodes: Mapping[str, Node]) -> None:
                     seen.add(frozenset(cycle))
                     # Named as the references go: each source refers to the next.
                     msg = f"references make a cycle: {' → '.join([*cycle, cycle[0]])}"
-                    graph.problems.append(Problem(_first_loc(nodes, name, parent), msg, "cycle"))
+                    # Located where the first source named refers to the second.
+                    loc = _first_loc(nodes, cycle[0], cycle[1] if len(cycle) > 1 else cycle[0])
+                    graph.problems.append(Problem(loc, msg, "cycle"))
             elif parent not in state:
                 visit(parent)
         path.pop()
