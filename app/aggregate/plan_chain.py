@@ -177,7 +177,6 @@ def composite_source(
     plan_composite) and its references kept for later. Its upstream or query exists (the settings checked)."""
     reader = _Reader(loc, problems)
     fields = tuple(source.fields) if source.fields is not None else None
-    for_each, max_items = reader.for_each(source.for_each, source.max_items, settings.limits.max_sources)
     if source.upstream is not None:
         upstream = settings.upstreams[source.upstream]
         path = _path_parts(reader, source.path or "", values)
@@ -185,6 +184,7 @@ def composite_source(
         for key, value in source.params.items():
             parsed = reader.parse(f"params.{key}", value)
             params[key] = _fill(parsed, values)
+        for_each, max_items = reader.for_each(source.for_each, source.max_items, settings.limits.max_sources)
         if path is None or not reader.ok:
             return None
         template: UpstreamTemplate | QueryTemplate = UpstreamTemplate(
@@ -207,6 +207,7 @@ def composite_source(
             # A template that is exactly one placeholder keeps the typed value, as app/aggregate/plan.py's _fill.
             whole = parsed[1:-1] if parsed.startswith("{") and parsed.endswith("}") else ""
             static[key] = values[whole] if whole in values else _fill(parsed, values)
+    for_each, max_items = reader.for_each(source.for_each, source.max_items, settings.limits.max_sources)
     bound, errors = bind(query, static, deferred=deferred)
     for msg in errors:
         reader._fail(f"{loc}.params", msg, "bad_param")
