@@ -103,8 +103,32 @@ class AggregateRequest(BaseModel):
     deadline_ms: float | None = Field(None, gt=0, le=3_600_000)
 
 
+# The closed set of a failed source's error types (README, "POST /aggregate"; app/errors.py's SourceError leaves).
+ErrorType = Literal[
+    "timeout",
+    "deadline",
+    "connect",
+    "upstream_status",
+    "circuit_open",
+    "overloaded",
+    "too_large",
+    "bad_response",
+    "db_error",
+    "db_unavailable",
+    "dependency_failed",
+    "too_many_items",
+]
+
+
 class SourceErrorBody(TypedDict):
-    type: str
+    type: Annotated[
+        ErrorType,
+        Field(
+            description="Why the source failed. dependency_failed: not called, because a source it refers to failed"
+            " or was skipped, or the value referred to is missing, not a scalar, or unusable where it goes;"
+            " too_many_items: its for_each list is longer than max_items or than limits.max_sources allows."
+        ),
+    ]
     message: str
 
 
@@ -115,8 +139,8 @@ class SourceResult(TypedDict):
     error: SourceErrorBody | None
     elapsed_ms: float
     attempts: int
-    started_ms: float
-    waited_for: list[str]
+    started_ms: Annotated[float, Field(description="When it started, in ms after the request did.")]
+    waited_for: Annotated[list[str], Field(description="The sources it referred to, which it waited for.")]
 
 
 class AggregateResponse(BaseModel):
