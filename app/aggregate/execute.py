@@ -71,6 +71,7 @@ class Aggregator:
         # Only for a request whose sources refer to each other (_run_chained):
         self._observer = observer
         self._max_calls = max_calls  # calls in all, for_each's included (limits.max_sources)
+        self._calls_left = max_calls if max_calls is not None else 0  # set per request by _start_chained
         self._reference_limit = max_reference_bytes
         self._inline: frozenset[str] = frozenset()  # sources others read: decoded here, never left pre-encoded
         self.waits: dict[str, float] = {}  # seconds each chained source waited for its parents

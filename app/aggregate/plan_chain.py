@@ -63,30 +63,30 @@ class _Reader:
         try:
             parsed = parse(value)
         except BadReferenceError as exc:
-            self._fail(loc, str(exc), "bad_reference")
+            self.fail(loc, str(exc), "bad_reference")
             return value
         if isinstance(parsed, Template):
             for ref in parsed.refs:
                 if ref.star is not None:
-                    self._fail(loc, f"'${{{ref.text}}}': '[*]' is for for_each alone", "bad_reference")
+                    self.fail(loc, f"'${{{ref.text}}}': '[*]' is for for_each alone", "bad_reference")
                 self.refs.append((loc, ref))
         return parsed
 
     def for_each(self, value: str | None, max_items: int | None, limit: int) -> tuple[Ref | None, int]:
         if value is None:
             if max_items is not None:
-                self._fail(f"{self.loc}.max_items", "max_items goes with for_each", "bad_reference")
+                self.fail(f"{self.loc}.max_items", "max_items goes with for_each", "bad_reference")
             return None, 1
         ref, problem = graph.for_each_ref(f"{self.loc}.for_each", value)
         if problem is not None:
-            self._fail(problem.loc, problem.msg, problem.type)
+            self.fail(problem.loc, problem.msg, problem.type)
         elif ref is not None:
             self.refs.append((f"{self.loc}.for_each", ref))
         if max_items is not None and max_items > limit:
-            self._fail(f"{self.loc}.max_items", f"max_items is at most limits.max_sources ({limit})", "too_many_items")
+            self.fail(f"{self.loc}.max_items", f"max_items is at most limits.max_sources ({limit})", "too_many_items")
         return ref, limit if max_items is None else max_items
 
-    def _fail(self, loc: str, msg: str, type_: str) -> None:
+    def fail(self, loc: str, msg: str, type_: str) -> None:
         self.problems.add(loc, msg, type_)
         self.ok = False
 
@@ -106,7 +106,7 @@ def _path_parts(reader: _Reader, template: str, fill: Mapping[str, Any]) -> tupl
         confine_path(skeleton)
         encoded = [encode_path_text(p) if isinstance(p, str) else p for p in parts]
     except (UnsafePathError, UnicodeDecodeError) as exc:
-        reader._fail(f"{reader.loc}.path", str(exc), "unsafe_path")
+        reader.fail(f"{reader.loc}.path", str(exc), "unsafe_path")
         return None
     for key, value in fill.items():
         encoded = [p.replace(f"%7B{key}%7D", quote(text(value), safe="")) if isinstance(p, str) else p for p in encoded]
@@ -163,7 +163,7 @@ def query_spec(settings: Settings, loc: str, spec: QuerySourceSpec, problems: Pr
     for_each, max_items = reader.for_each(spec.for_each, spec.max_items, settings.limits.max_sources)
     bound, errors = bind(query, static, strict=True, deferred=deferred)
     for msg in errors:
-        reader._fail(f"{loc}.params", msg, "bad_param")
+        reader.fail(f"{loc}.params", msg, "bad_param")
     if not reader.ok:
         return None
     template = QueryTemplate(spec.query, query, bound, deferred)
@@ -210,7 +210,7 @@ def composite_source(
     for_each, max_items = reader.for_each(source.for_each, source.max_items, settings.limits.max_sources)
     bound, errors = bind(query, static, deferred=deferred)
     for msg in errors:
-        reader._fail(f"{loc}.params", msg, "bad_param")
+        reader.fail(f"{loc}.params", msg, "bad_param")
     if not reader.ok:
         return None
     template = QueryTemplate(source.query, query, bound, deferred, fields, source.required)
