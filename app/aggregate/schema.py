@@ -35,7 +35,7 @@ REFERENCES = (
     " once every source it refers to has succeeded, with the value percent-encoded whole into a path segment, as"
     " text in params and headers, typed in a json body or a query parameter (as the query declares); `$${` is a"
     " literal `${`. When a parent failed or was skipped, or the value is missing, not a scalar or unusable, the"
-    " source is not called and fails with `dependency_failed`. `for_each: \"${orders.data[*].id}\"` (with"
+    ' source is not called and fails with `dependency_failed`. `for_each: "${orders.data[*].id}"` (with'
     " `max_items`, at most limits.max_sources) makes one call per element, each reading it as `${each}` (or"
     " `${each.key}`), and answers the list of their results; a longer list fails with `too_many_items`. References"
     " to unknown sources, cycles, chains longer than limits.max_chain_depth and references to a HEAD are refused"
