@@ -230,6 +230,8 @@ class Aggregator:
         source (the deadline, the client gone) cancels every element."""
         out: dict[str, SourceResult] = {}
         keys = [f"{name}[{i}]" for i in range(len(items))]
+        if name in self._inline:  # others read this source's elements' data too
+            self._inline = self._inline.union(keys)
         try:
             async with asyncio.TaskGroup() as tg:
                 for key, item in zip(keys, items, strict=True):

@@ -265,3 +265,27 @@ async def test_queries_take_the_value_typed_as_they_declare(upstream: UpstreamSe
         "type": "dependency_failed",
         "message": "params.user_id: expected an integer (the value referred to is a string)",
     }
+
+
+async def test_a_large_parent_is_decoded_where_its_children_can_read_it(upstream: UpstreamServer) -> None:
+    # Bodies over 64 KiB are decoded in a worker and embedded pre-encoded, which a reference cannot read into.
+    big = {"org_id": "o-1", "padding": ["x" * 100] * 1000}
+    upstream.set("/users/7", Behavior(json=big))
+    upstream.set("/orders", Behavior(json=[{"id": 1, "padding": ["y" * 100] * 1000}]))
+    upstream.set("/orgs/o-1", Behavior(json={"name": "Acme"}))
+    upstream.set("/o/1", Behavior(json={"key": "k-1", "padding": ["z" * 100] * 1000}))
+    settings = make_settings(upstreams={"users": upstream_cfg(upstream.url)}, compute={"enabled": True, "workers": 1})
+    sources = {
+        "profile": {"upstream": "users", "path": "/users/7"},
+        "org": {"upstream": "users", "path": "/orgs/${profile.data.org_id}"},
+        "orders": {"upstream": "users", "path": "/orders"},
+        "items": {"upstream": "users", "path": "/o/${each}", "for_each": "${orders.data[*].id}"},
+        "keys": {"upstream": "users", "path": "/k/${each}", "for_each": "${items.data[*].data.key}"},
+    }
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        _, body, _ = await post_aggregate(client, gw.url, sources)
+    results = body["results"]
+    assert results["org"]["data"] == {"name": "Acme"}, results["org"]
+    assert len(results["profile"]["data"]["padding"]) == 1000
+    assert results["keys"]["ok"] is True, results["keys"]
+    assert [r.path for r in upstream.requests if r.path.startswith("/k/")] == ["/k/k-1"]
