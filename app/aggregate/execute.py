@@ -68,7 +68,7 @@ class Aggregator:
         # Flat merging needs each object's keys; large bodies then come back from the worker key by key.
         self._split_keys = split_keys
         self._expired = False  # the request's deadline passed (run)
-        # Only for a request whose sources refer to each other (_run_chained):
+        # Only for a request whose sources refer to each other (_start_chained):
         self._observer = observer
         self._max_calls = max_calls  # calls in all, for_each's included (limits.max_sources)
         self._calls_left = max_calls if max_calls is not None else 0  # set per request by _start_chained
@@ -116,8 +116,7 @@ class Aggregator:
             timer.cancel()
         # A source cancelled before its task first ran (a deadline already past) never got to write its result,
         # nor to send anything.
-        missed = DeadlineExceededError(_DEADLINE)
-        return {name: results[name] if name in results else failed(missed, started, 0, started) for name in plans}
+        return {name: results[name] if name in results else _missed(plans[name], started) for name in plans}
 
     # -- a request whose sources refer to each other ---------------------------------------------------------------
     #
@@ -362,3 +361,8 @@ def _parents_answered(plan: ChainedPlan, out: Mapping[str, SourceResult]) -> Non
             if error["type"] == "dependency_failed":
                 raise DependencyFailedError(f"{parent} was not called: {error['message']}")
             raise DependencyFailedError(f"{parent} failed: {error['type']}")
+
+
+def _missed(plan: Plan, started: float) -> SourceResult:
+    result = failed(DeadlineExceededError(_DEADLINE), started, 0, started)
+    return _waited(result, plan) if isinstance(plan, ChainedPlan) else result
