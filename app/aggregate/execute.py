@@ -351,13 +351,17 @@ def _waited(result: SourceResult, plan: ChainedPlan) -> SourceResult:
 
 
 def _parents_answered(plan: ChainedPlan, out: Mapping[str, SourceResult]) -> None:
-    """Raises DependencyFailedError naming the first parent that failed (or was itself skipped), and why."""
+    """Raises DependencyFailedError naming the first parent that failed (or was itself skipped), and why;
+    DeadlineExceededError when that was the deadline."""
     for parent in plan.needs:
         result = out.get(parent)
-        if result is None:
-            raise DependencyFailedError(f"{parent} failed: deadline")
+        if result is None:  # its task was cancelled before it ran: only the deadline does that here
+            raise DeadlineExceededError(_DEADLINE)
         error = result["error"]
         if error is not None:
+            if error["type"] == "deadline":
+                # The deadline ended the chain there: what comes after it ran out of time too, as it would have.
+                raise DeadlineExceededError(_DEADLINE)
             if error["type"] == "dependency_failed":
                 raise DependencyFailedError(f"{parent} was not called: {error['message']}")
             raise DependencyFailedError(f"{parent} failed: {error['type']}")

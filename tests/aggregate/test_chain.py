@@ -289,3 +289,42 @@ async def test_a_large_parent_is_decoded_where_its_children_can_read_it(upstream
     assert len(results["profile"]["data"]["padding"]) == 1000
     assert results["keys"]["ok"] is True, results["keys"]
     assert [r.path for r in upstream.requests if r.path.startswith("/k/")] == ["/k/k-1"]
+
+
+async def test_a_deadline_already_past_fails_every_source_of_a_chain(upstream: UpstreamServer) -> None:
+    settings = make_settings(upstreams={"users": upstream_cfg(upstream.url)})
+    sources = {
+        "profile": {"upstream": "users", "path": "/users/7"},
+        "org": {"upstream": "users", "path": "/orgs/${profile.data.org_id}"},
+    }
+    async with running_gateway(settings) as gw, aiohttp.ClientSession() as client:
+        status, body, _ = await post_aggregate(client, gw.url, sources, deadline_ms=0.001)
+    assert status == 200
+    assert {r["error"]["type"] for r in body["results"].values()} == {"deadline"}
+    assert body["results"]["org"]["waited_for"] == ["profile"]
+    assert body["results"]["org"]["attempts"] == 0
+
+
+async def test_a_client_gone_mid_chain_cancels_everything(upstream: UpstreamServer) -> None:
+    upstream.set("/users/7", Behavior(json={"id": 7, "org_id": "o-1"}))
+    upstream.set("/orgs/o-1", Behavior(mode="hang"))
+    settings = make_settings(upstreams={"users": upstream_cfg(upstream.url, timeout_ms=10_000)})
+    sources = {
+        "profile": {"upstream": "users", "path": "/users/7"},
+        "org": {"upstream": "users", "path": "/orgs/${profile.data.org_id}"},
+        "region": {"upstream": "users", "path": "/regions/${org.data.region}"},
+        "items": {"upstream": "users", "path": "/items/${each}", "for_each": "${org.data.items[*]}"},
+    }
+    async with running_gateway(settings) as gw:
+        async with aiohttp.ClientSession() as client:
+            request = asyncio.create_task(post_aggregate(client, gw.url, sources, deadline_ms=10_000))
+            await upstream.await_requests(2)
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+        await upstream.await_disconnects(1)
+        deadline = time.monotonic() + 5
+        while any(t.get_name().startswith("source:") for t in asyncio.all_tasks()):
+            assert time.monotonic() < deadline, "a source's task outlived its request"
+            await asyncio.sleep(0.02)
+        assert gw.state.upstreams.upstreams["users"].in_flight == 0
+    assert [r.path for r in upstream.requests] == ["/users/7", "/orgs/o-1"]
