@@ -26,13 +26,20 @@ Draft = tuple[ChainedPlan, graph.Node]
 
 
 def spec_has_refs(spec: UpstreamSourceSpec | QuerySourceSpec) -> bool:
+    # On every source of every request: plain loops and `in`, no generator or call per value.
     if spec.for_each is not None or spec.max_items is not None:
         return True
-    if any(isinstance(v, str) and has_ref(v) for v in spec.params.values()):
-        return True
+    for value in spec.params.values():
+        if type(value) is str and "${" in value:
+            return True
     if isinstance(spec, QuerySourceSpec):
         return False
-    return has_ref(spec.path) or any(has_ref(v) for v in spec.headers.values()) or _json_has_ref(spec.body)
+    if "${" in spec.path:
+        return True
+    for value in spec.headers.values():
+        if "${" in value:
+            return True
+    return spec.body is not None and _json_has_ref(spec.body)
 
 
 def composite_has_refs(source: CompositeSource) -> bool:
