@@ -27,10 +27,7 @@ UNSAFE_IN_PATH_PATTERN = r"^[^/\\\x00-\x1f\x7f]*$"
 Plan = UpstreamPlan | QueryPlan | ChainedPlan
 
 
-_Problems = Problems
-
-
-def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, problems: _Problems) -> UpstreamPlan | None:
+def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, problems: Problems) -> UpstreamPlan | None:
     upstream = settings.upstreams.get(spec.upstream)
     if upstream is None:
         problems.add(f"{loc}.upstream", f"unknown upstream '{spec.upstream}'", "unknown_upstream")
@@ -56,7 +53,7 @@ def plan_request(settings: Settings, request: AggregateRequest) -> dict[str, Pla
     if len(request.sources) > limit:
         msg = f"at most {limit} sources per request"
         raise TooManySourcesError(msg, errors=[{"loc": "sources", "msg": msg, "type": "too_many_sources"}])
-    problems = _Problems()
+    problems = Problems()
     plans: dict[str, Plan] = {}
     nodes: dict[str, graph.Node] | None = None  # only when a source refers to another: decided here, once
     for name, spec in request.sources.items():
@@ -87,7 +84,7 @@ def plan_request(settings: Settings, request: AggregateRequest) -> dict[str, Pla
 
 
 def _plan_query(
-    settings: Settings, loc: str, spec: QuerySourceSpec, problems: _Problems, *, strict: bool = True
+    settings: Settings, loc: str, spec: QuerySourceSpec, problems: Problems, *, strict: bool = True
 ) -> QueryPlan | None:
     query = settings.queries.get(spec.query)
     if query is None:
@@ -107,7 +104,7 @@ def plan_composite(settings: Settings, name: str, query: Mapping[str, str]) -> t
     composite = settings.composites.get(name)
     if composite is None:
         raise NotFoundError(f"unknown composite '{name}'")
-    problems = _Problems()
+    problems = Problems()
     values: dict[str, Any] = {}
     for key in query:
         if key not in composite.params:
@@ -153,7 +150,7 @@ def plan_composite(settings: Settings, name: str, query: Mapping[str, str]) -> t
 
 
 def _plan_composite_source(
-    settings: Settings, loc: str, source: CompositeSource, values: dict[str, Any], problems: _Problems
+    settings: Settings, loc: str, source: CompositeSource, values: dict[str, Any], problems: Problems
 ) -> Plan | None:
     fields = tuple(source.fields) if source.fields is not None else None
     if source.upstream is not None:
@@ -223,4 +220,4 @@ def effective_deadline_s(settings: Settings, requested_ms: float | None) -> floa
     return min(ms, limits.max_deadline_ms) / 1000
 
 
-_text = text
+_text = text  # plan_composite has a local `text`
