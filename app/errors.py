@@ -62,6 +62,8 @@ GatewayError
     │   ├── BadResponseError       bad_response: the body was not the JSON it claimed to be
     │   └── CircuitOpenError       circuit_open: the breaker is open, nothing was sent
     ├── DeadlineExceededError   deadline: the request's deadline passed before the source finished
+    ├── DependencyFailedError   dependency_failed: a source it refers to failed, was skipped, or gave no usable value
+    ├── TooManyItemsError       too_many_items: a for_each list longer than max_items, or past limits.max_sources
     ├── DatabaseError           db_error: the query failed on the server
     │   ├── DatabaseUnavailableError  db_unavailable: no connection could be had
     │   └── QueryTimeoutError   timeout: statement_timeout cancelled the query
@@ -444,6 +446,25 @@ class CircuitOpenError(UpstreamError):
 
 class DeadlineExceededError(SourceError):
     kind = "deadline"
+
+
+class DependencyFailedError(SourceError):
+    """Nothing was sent: a parent failed or was skipped, or the value referred to is missing, not a scalar, or
+    unusable where it goes (a path segment '..', a header value with a control character, past a size limit)."""
+
+    kind = "dependency_failed"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.attempts = 0
+
+
+class TooManyItemsError(SourceError):
+    kind = "too_many_items"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.attempts = 0
 
 
 class DatabaseError(SourceError):

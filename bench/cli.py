@@ -19,12 +19,13 @@ from typing import Any
 from bench import report
 from bench.harness import PROFILES, Bench
 from bench.procs import Pinning
-from bench.scenarios import balancing, database, drain, fanout, hotkeys, latency, overload, transforms
+from bench.scenarios import balancing, chain, database, drain, fanout, hotkeys, latency, overload, transforms
 from bench.tools import ensure_tools, machine
 
 SCENARIOS: dict[str, ModuleType] = {
     "fanout": fanout,
     "latency": latency,
+    "chain": chain,
     "database": database,
     "transforms": transforms,
     "overload": overload,

@@ -133,7 +133,7 @@ def test_check_config_cli(tmp_path: Path) -> None:
         [sys.executable, "-m", "app", "check-config", str(DEMO)], capture_output=True, text=True, check=False
     )
     assert ok.returncode == 0, ok.stderr
-    assert "ok (2 upstreams, 2 queries, 1 composites)" in ok.stdout
+    assert "ok (2 upstreams, 2 queries, 2 composites)" in ok.stdout
     bad = write(tmp_path, "[upstreams.users]\nbase_url = 'http://x'\ntimeout_ms = -5\n")
     res = subprocess.run(
         [sys.executable, "-m", "app", "check-config", str(bad)], capture_output=True, text=True, check=False

@@ -17,6 +17,9 @@ Scalar = Annotated[str, Field(max_length=4096)] | int | float | bool
 Method = Literal["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE"]
 HeaderName = Annotated[str, Field(max_length=256, pattern=HEADER_NAME_PATTERN)]
 HeaderValue = Annotated[str, Field(max_length=8192, pattern=HEADER_VALUE_PATTERN)]
+# One call per element of the list a reference with [*] names (app/aggregate/refs.py), at most max_items of them.
+ForEach = Annotated[str, Field(min_length=4, max_length=1024)]
+MaxItems = Annotated[int, Field(ge=1, le=1000)]
 
 
 # Strict: JSON gives each value its type, and the gateway takes it as given (no "5" for 5), so that what the
@@ -30,6 +33,8 @@ class UpstreamSourceSpec(BaseModel):
     params: dict[Annotated[str, Field(max_length=256)], Scalar] = Field(default_factory=dict, max_length=64)
     body: Any = Field(None, alias="json")
     headers: dict[HeaderName, HeaderValue] = Field(default_factory=dict, max_length=32)
+    for_each: ForEach | None = None
+    max_items: MaxItems | None = None
 
     @field_validator("headers")
     @classmethod
@@ -48,6 +53,8 @@ class QuerySourceSpec(BaseModel):
 
     query: Name
     params: dict[Annotated[str, Field(max_length=256)], Scalar | None] = Field(default_factory=dict, max_length=64)
+    for_each: ForEach | None = None
+    max_items: MaxItems | None = None
 
 
 def _source_kind(value: Any) -> str | None:
@@ -96,8 +103,32 @@ class AggregateRequest(BaseModel):
     deadline_ms: float | None = Field(None, gt=0, le=3_600_000)
 
 
+# The closed set of a failed source's error types (README, "POST /aggregate"; app/errors.py's SourceError leaves).
+ErrorType = Literal[
+    "timeout",
+    "deadline",
+    "connect",
+    "upstream_status",
+    "circuit_open",
+    "overloaded",
+    "too_large",
+    "bad_response",
+    "db_error",
+    "db_unavailable",
+    "dependency_failed",
+    "too_many_items",
+]
+
+
 class SourceErrorBody(TypedDict):
-    type: str
+    type: Annotated[
+        ErrorType,
+        Field(
+            description="Why the source failed. dependency_failed: not called, because a source it refers to failed"
+            " or was skipped, or the value referred to is missing, not a scalar, or unusable where it goes;"
+            " too_many_items: its for_each list is longer than max_items or than limits.max_sources allows."
+        ),
+    ]
     message: str
 
 
@@ -115,6 +146,8 @@ class SourceResult(TypedDict):
     # "hit" a fresh stored answer, "miss" this source called the upstream, "coalesced" it shared another
     # caller's call, "stale" an expired answer served because the upstream failed.
     cache: CacheOutcome | None
+    started_ms: Annotated[float, Field(description="When it started, in ms after the request did.")]
+    waited_for: Annotated[list[str], Field(description="The sources it referred to, which it waited for.")]
 
 
 class AggregateResponse(BaseModel):

@@ -6,14 +6,16 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from app.aggregate import graph, plan_chain
+from app.aggregate.chain import ChainedPlan
 from app.aggregate.models import AggregateRequest, QuerySourceSpec, UpstreamSourceSpec
+from app.aggregate.plans import Problems, QueryPlan, UpstreamPlan, text
 from app.db.queries import bind, coerce
-from app.errors import NotFoundError, TooManySourcesError, ValidationFailedError
-from app.settings import CompositeConfig, CompositeSource, QueryConfig, Settings
+from app.errors import NotFoundError, TooManySourcesError
+from app.settings import CompositeConfig, CompositeSource, Settings
 from app.upstream.client import Outbound
 from app.upstream.paths import UnsafePathError, confine_path, join_url
 
@@ -22,39 +24,10 @@ UNSAFE_IN_PATH = re.compile(r"[/\\\x00-\x1f\x7f]")
 UNSAFE_IN_PATH_PATTERN = r"^[^/\\\x00-\x1f\x7f]*$"
 
 
-@dataclass(frozen=True)
-class UpstreamPlan:
-    upstream: str
-    out: Outbound
-    fields: tuple[str, ...] | None = None
-    required: bool = False
+Plan = UpstreamPlan | QueryPlan | ChainedPlan
 
 
-@dataclass(frozen=True)
-class QueryPlan:
-    query: str
-    config: QueryConfig
-    params: dict[str, Any]
-    fields: tuple[str, ...] | None = None
-    required: bool = False
-
-
-Plan = UpstreamPlan | QueryPlan
-
-
-class _Problems:
-    def __init__(self) -> None:
-        self.errors: list[dict[str, Any]] = []
-
-    def add(self, loc: str, msg: str, type_: str) -> None:
-        self.errors.append({"loc": loc, "msg": msg, "type": type_})
-
-    def raise_if_any(self, what: str) -> None:
-        if self.errors:
-            raise ValidationFailedError(f"{len(self.errors)} problem(s) in the {what}", errors=self.errors)
-
-
-def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, problems: _Problems) -> UpstreamPlan | None:
+def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, problems: Problems) -> UpstreamPlan | None:
     upstream = settings.upstreams.get(spec.upstream)
     if upstream is None:
         problems.add(f"{loc}.upstream", f"unknown upstream '{spec.upstream}'", "unknown_upstream")
@@ -80,23 +53,38 @@ def plan_request(settings: Settings, request: AggregateRequest) -> dict[str, Pla
     if len(request.sources) > limit:
         msg = f"at most {limit} sources per request"
         raise TooManySourcesError(msg, errors=[{"loc": "sources", "msg": msg, "type": "too_many_sources"}])
-    problems = _Problems()
+    problems = Problems()
     plans: dict[str, Plan] = {}
+    nodes: dict[str, graph.Node] | None = None  # only when a source refers to another: decided here, once
     for name, spec in request.sources.items():
         loc = f"sources.{name}"
         plan: Plan | None
+        if plan_chain.spec_has_refs(spec):
+            nodes = {} if nodes is None else nodes
+            draft = (
+                plan_chain.upstream_spec(settings, loc, spec, problems)
+                if isinstance(spec, UpstreamSourceSpec)
+                else plan_chain.query_spec(settings, loc, spec, problems)
+            )
+            if draft is not None:
+                plans[name], nodes[name] = draft
+            continue
         if isinstance(spec, UpstreamSourceSpec):
             plan = _plan_upstream(settings, loc, spec, problems)
         else:
             plan = _plan_query(settings, loc, spec, problems)
         if plan is not None:
             plans[name] = plan
+    if nodes is not None:
+        for name, spec in request.sources.items():
+            nodes.setdefault(name, graph.Node(json=not isinstance(spec, UpstreamSourceSpec) or spec.method != "HEAD"))
+        plan_chain.link(settings, plans, nodes, problems)
     problems.raise_if_any("aggregate request")
     return plans
 
 
 def _plan_query(
-    settings: Settings, loc: str, spec: QuerySourceSpec, problems: _Problems, *, strict: bool = True
+    settings: Settings, loc: str, spec: QuerySourceSpec, problems: Problems, *, strict: bool = True
 ) -> QueryPlan | None:
     query = settings.queries.get(spec.query)
     if query is None:
@@ -116,7 +104,7 @@ def plan_composite(settings: Settings, name: str, query: Mapping[str, str]) -> t
     composite = settings.composites.get(name)
     if composite is None:
         raise NotFoundError(f"unknown composite '{name}'")
-    problems = _Problems()
+    problems = Problems()
     values: dict[str, Any] = {}
     for key in query:
         if key not in composite.params:
@@ -140,16 +128,29 @@ def plan_composite(settings: Settings, name: str, query: Mapping[str, str]) -> t
             problems.add(f"query.{key}", msg, "bad_param")
     problems.raise_if_any("composite request")
     plans: dict[str, Plan] = {}
+    nodes: dict[str, graph.Node] | None = None
     for sname, source in composite.sources.items():
+        plan: Plan | None
+        if plan_chain.composite_has_refs(source):
+            nodes = {} if nodes is None else nodes
+            draft = plan_chain.composite_source(settings, f"sources.{sname}", source, values, problems)
+            if draft is not None:
+                plans[sname], nodes[sname] = draft
+            continue
         plan = _plan_composite_source(settings, f"sources.{sname}", source, values, problems)
         if plan is not None:
             plans[sname] = plan
+    if nodes is not None:
+        # The settings checked this graph when they were loaded; here it gives each source what it waits for.
+        for sname, source in composite.sources.items():
+            nodes.setdefault(sname, graph.Node(json=source.method != "HEAD" or source.upstream is None))
+        plan_chain.link(settings, plans, nodes, problems)
     problems.raise_if_any("composite request")
     return composite, plans
 
 
 def _plan_composite_source(
-    settings: Settings, loc: str, source: CompositeSource, values: dict[str, Any], problems: _Problems
+    settings: Settings, loc: str, source: CompositeSource, values: dict[str, Any], problems: Problems
 ) -> Plan | None:
     fields = tuple(source.fields) if source.fields is not None else None
     if source.upstream is not None:
@@ -219,7 +220,4 @@ def effective_deadline_s(settings: Settings, requested_ms: float | None) -> floa
     return min(ms, limits.max_deadline_ms) / 1000
 
 
-def _text(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+_text = text  # plan_composite has a local `text`

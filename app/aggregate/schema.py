@@ -28,6 +28,22 @@ _SEGMENT = rf"(?:{_NOT_DOT}{_CHAR}*|\.{_NOT_DOT}{_CHAR}*|\.\.{_CHAR}+)"
 PATH_PATTERN = rf"^/(?:{_SEGMENT}/)*(?:{_SEGMENT})?$"
 
 
+REFERENCES = (
+    "Sources by name. A source's values (an upstream source's path, params, json body values and headers; a query"
+    " source's params) may refer to another source's result: `${profile.data.org_id}`, `${orders.data[0].id}`,"
+    ' `${page.data["odd key"]}` (a path: source, data, keys, indexes; never an expression). The source then starts'
+    " once every source it refers to has succeeded, with the value percent-encoded whole into a path segment, as"
+    " text in params and headers, typed in a json body or a query parameter (as the query declares); `$${` is a"
+    " literal `${`. When a parent failed or was skipped, or the value is missing, not a scalar or unusable, the"
+    ' source is not called and fails with `dependency_failed`. `for_each: "${orders.data[*].id}"` (with'
+    " `max_items`, at most limits.max_sources) makes one call per element, each reading it as `${each}` (or"
+    " `${each.key}`), and answers the list of their results; a longer list fails with `too_many_items`. References"
+    " to unknown sources, cycles, chains longer than limits.max_chain_depth and references to a HEAD are refused"
+    " with 422, each located. Not in this schema, which cannot say which names a reference may use: `for_each`,"
+    " `max_items`, and reference-valued query parameters of a type other than str."
+)
+
+
 def json_param(type_: ParamType) -> Schema:
     """A query parameter's value in a client's JSON, as app/db/queries.py's strict coerce takes it."""
     if type_ == "int":
@@ -52,6 +68,7 @@ def request_components(settings: Settings) -> dict[str, Schema]:
         components[f"QuerySource_{name}"] = _query_source(generic_query, name, query)
     sources = schema["properties"]["sources"]
     sources["maxProperties"] = settings.limits.max_sources
+    sources["description"] = REFERENCES
     refs = [{"$ref": REF.format(model=model)} for model in components]
     # No two of these match the same source (each names its own upstream or query): oneOf as much as anyOf.
     ((name_pattern, _),) = sources["patternProperties"].items()
@@ -82,6 +99,10 @@ def _upstream_source(generic: Schema, name: str, upstream: UpstreamConfig) -> Sc
     schema = copy.deepcopy(generic)
     schema["title"] = f"Source on upstream {name}"
     properties = schema["properties"]
+    # Described in words (REFERENCES), not as properties: what makes them valid (the names of the request's other
+    # sources) is more than JSON Schema says, and a document whose every valid request is taken must leave them out.
+    properties.pop("for_each", None)
+    properties.pop("max_items", None)
     properties["upstream"] = {"const": name}
     properties["path"] = {**properties["path"], "pattern": PATH_PATTERN}
     headers = properties["headers"]

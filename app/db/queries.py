@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
 from app.settings import ParamType, QueryConfig
@@ -48,12 +49,16 @@ def coerce(value: Any, type_: ParamType, *, strict: bool = False) -> Any:
     return result
 
 
-def bind(query: QueryConfig, values: dict[str, Any], *, strict: bool = False) -> tuple[dict[str, Any], list[str]]:
-    """Type every declared parameter (``strict``: see coerce). Returns the bound values and a list of problems
-    (empty when valid)."""
-    problems = [f"unknown parameter '{name}'" for name in values if name not in query.params]
+def bind(
+    query: QueryConfig, values: dict[str, Any], *, strict: bool = False, deferred: Collection[str] = ()
+) -> tuple[dict[str, Any], list[str]]:
+    """Type every declared parameter (``strict``: see coerce) but the ``deferred`` ones, whose values come later
+    (references to other sources' results). Returns the bound values and a list of problems (empty when valid)."""
+    problems = [f"unknown parameter '{name}'" for name in (*values, *deferred) if name not in query.params]
     bound: dict[str, Any] = {}
     for name, type_ in query.params.items():
+        if name in deferred:
+            continue
         if name not in values or values[name] is None:
             problems.append(f"missing parameter '{name}' ({type_})")
             continue

@@ -114,6 +114,7 @@ gateway demo is running at {base}   (authentication is off in the demo; Ctrl-C s
 
   curl -s {base}/aggregate -H 'Content-Type: application/json' -d '{body}'
   curl -s '{base}/aggregate/user_overview?user_id=7&sku=A1'
+  curl -s '{base}/aggregate/order_stock?user_id=7'
   curl -s {base}/transform/trig_log -H 'Content-Type: application/json' -d '{{"data": [0.5, 1.0, 2.0]}}'
   curl -s {base}/transform
 {transform_npy_examples(base, sys.executable)}

@@ -60,6 +60,11 @@ class Metrics:
         self.aggregate_answers = Counter(
             "gateway_aggregate_answers", "Aggregate answers, complete or not.", ["route", "complete"], registry=r
         )
+        # Only sources that refer to others (chained) are observed; no label: source names are a client's to choose.
+        self.dependency_wait = Histogram(
+            "gateway_source_dependency_wait_seconds", "Time a chained source waited for the sources it refers to.",
+            buckets=WAIT_BUCKETS, registry=r,
+        )  # fmt: skip
         self.shed = Counter("gateway_http_requests_shed", "Requests refused at once with 503.", ["reason"], registry=r)
         self.admission_limit = Gauge(
             "gateway_http_admission_limit", "Requests admitted at once, at most (lowered while the loop lags).",
@@ -104,6 +109,10 @@ class Metrics:
         """AdmissionObserver (app/security/admission.py)."""
         child = self._shed_by_reason.get(reason)
         (child if child is not None else self.shed.labels(reason)).inc()
+
+    def source_waited(self, seconds: float) -> None:
+        """ChainObserver (app/aggregate/execute.py)."""
+        self.dependency_wait.observe(seconds)
 
     def limit_changed(self, limit: int) -> None:
         self.admission_limit.set(limit)

@@ -26,7 +26,7 @@ from app.aggregate.results import merge_flat
 from app.errors import ClientDisconnectedError, ValidationFailedError
 from app.jsonkeys import duplicate_keys
 from app.middleware.request_id import request_id_of
-from app.observability.http import add_log_fields
+from app.observability.http import SUMMARY_KEY, add_log_fields
 from app.responses import JSONResponse
 from app.routes.disconnect import until_disconnected
 from app.security.policy import authorize_composite, authorize_sources, principal_of
@@ -213,8 +213,17 @@ def _respond(content: Mapping[str, object], complete: bool, status: int) -> JSON
 async def _run(
     state: GatewayState, request: Request, plans: Mapping[str, Plan], deadline_s: float, *, flat: bool
 ) -> dict[str, SourceResult]:
+    limits = state.settings.limits
     aggregator = Aggregator(
-        state.require_upstreams(), state.db, state.cpu, tracing=state.tracing, scope=request.scope, split_keys=flat
+        state.require_upstreams(),
+        state.db,
+        state.cpu,
+        tracing=state.tracing,
+        scope=request.scope,
+        split_keys=flat,
+        observer=state.metrics,
+        max_calls=limits.max_sources,
+        max_reference_bytes=limits.max_reference_bytes,
     )
     headers = {"X-Request-ID": request_id_of(request.scope)}
     work = aggregator.run(plans, deadline_s, headers=headers)
@@ -230,4 +239,8 @@ async def _run(
             for name, r in results.items()
         },
     )
+    for name, waited in aggregator.waits.items():  # only sources that referred to others
+        summary = request.scope["state"][SUMMARY_KEY]["sources"][name]
+        summary["waited_ms"] = round(waited * 1000, 1)
+        summary["after"] = results[name]["waited_for"]
     return results

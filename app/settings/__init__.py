@@ -32,6 +32,7 @@ from pydantic_settings import (
     SettingsError,
 )
 
+from app.aggregate import graph
 from app.errors import ConfigError
 from app.otel_env import otel_updates
 from app.settings.base import Name
@@ -168,6 +169,28 @@ class Settings(BaseSettings):
                     elif set(query.params) - set(source.params):
                         missing = ", ".join(sorted(set(query.params) - set(source.params)))
                         problems.append(f"composite '{cname}' source '{sname}': missing query params {missing}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @model_validator(mode="after")
+    def _composite_references_resolve(self) -> Settings:
+        # The graph a composite's references make is the operator's: checked here, once, not per request.
+        problems = []
+        for cname, composite in self.composites.items():
+            nodes: dict[str, graph.Node] = {}
+            for sname, source in composite.sources.items():
+                loc = f"sources.{sname}"
+                texts = {"path": source.path or "", **{f"params.{k}": v for k, v in source.params.items()}}
+                json = source.upstream is None or source.method != "HEAD"
+                nodes[sname], found = graph.source_node(loc, texts, for_each=source.for_each, json=json)
+                if source.max_items is not None and source.for_each is None:
+                    found.append(graph.Problem(f"{loc}.max_items", "max_items goes with for_each", "bad_reference"))
+                if source.max_items is not None and source.max_items > self.limits.max_sources:
+                    found.append(graph.Problem(f"{loc}.max_items", "over limits.max_sources", "too_many_items"))
+                problems += [f"composite '{cname}' {p.loc}: {p.msg}" for p in found]
+            checked = graph.check(nodes, max_depth=self.limits.max_chain_depth)
+            problems += [f"composite '{cname}' {p.loc}: {p.msg}" for p in checked.problems]
         if problems:
             raise ValueError("; ".join(problems))
         return self

@@ -42,7 +42,11 @@ class ServerSettings(_Section):
 
 
 class LimitSettings(_Section):
-    max_sources: int = Field(16, ge=1, le=1000)
+    max_sources: int = Field(16, ge=1, le=1000, description="Sources per aggregate, and calls (for_each included).")
+    max_chain_depth: int = Field(4, ge=1, le=32, description="Sources in the longest chain of references.")
+    max_reference_bytes: int = Field(
+        4096, ge=1, le=1024 * 1024, description="A value a reference substitutes, at most (UTF-8 bytes)."
+    )
     max_body_bytes: int = Field(1024 * 1024, ge=1024)
     default_deadline_ms: PositiveMs = 1_000.0
     max_deadline_ms: PositiveMs = 10_000.0

@@ -35,6 +35,7 @@ _NEVER_FORWARDED = frozenset(
 )
 _SQL_PLACEHOLDER = re.compile(r"%\((\w+)\)s")
 _TEMPLATE_FIELD = re.compile(r"\{(\w+)\}")
+_REFERENCE = re.compile(r"\$\{[^{}]*\}")
 
 
 class RetryPolicy(_Section):
@@ -283,6 +284,8 @@ class CompositeSource(_Section):
     params: dict[str, str] = Field(default_factory=dict, description="Templates such as '{user_id}'.")
     required: bool = False
     fields: list[str] | None = None
+    for_each: str | None = Field(None, description="'${orders.data[*].id}': one call per element (README).")
+    max_items: int | None = Field(None, ge=1, le=1000, description="Elements for_each takes; default max_sources.")
 
     @model_validator(mode="after")
     def _one_kind(self) -> CompositeSource:
@@ -295,7 +298,8 @@ class CompositeSource(_Section):
         return self
 
     def template_fields(self) -> set[str]:
-        texts = [self.path or "", *self.params.values()]
+        # References to other sources (${profile.data.id}) are no placeholders: the settings check those apart.
+        texts = [_REFERENCE.sub("", self.path or ""), *(_REFERENCE.sub("", v) for v in self.params.values())]
         return {name for text in texts for name in _TEMPLATE_FIELD.findall(text)}
 
 

@@ -40,6 +40,12 @@ def confine_path(path: str) -> str:
     return quote(decoded, safe=_SAFE)
 
 
+def encode_path_text(text: str) -> str:
+    """Part of a path that confine_path accepted whole, encoded as confine_path encodes it (so that the parts of a
+    path with references in it, encoded one by one, join to what the whole would have been)."""
+    return quote(unquote(text, errors="strict"), safe=_SAFE)
+
+
 @functools.lru_cache(maxsize=256)
 def _base(base_url: str) -> tuple[tuple[str, str | None, int | None], str]:
     """A configured base URL's origin and path, parsed once."""

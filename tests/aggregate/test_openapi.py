@@ -107,3 +107,22 @@ async def test_a_composite_value_stays_in_its_segment(upstream: UpstreamServer) 
             assert (resp.status, refused["errors"][0]["loc"]) == (422, "query.sku"), refused
     assert body["results"]["s"]["data"] == {"sku": "a b?#%41"}, body
     assert upstream.count() == 1
+
+
+def test_the_document_describes_references_and_the_closed_set_of_error_types() -> None:
+    from app import errors
+
+    doc = create_app(settings()).openapi()
+    request = schemas(doc)["AggregateRequest"]
+    assert "${profile.data.org_id}" in request["properties"]["sources"]["description"]
+    assert "dependency_failed" in request["properties"]["sources"]["description"]
+    error_type = schemas(doc)["SourceErrorBody"]["properties"]["type"]
+    # Every kind a SourceError can report, but the two abstract bases'.
+    leaves = {
+        cls.kind for cls in vars(errors).values() if isinstance(cls, type) and issubclass(cls, errors.SourceError)
+    } - {errors.SourceError.kind, errors.UpstreamError.kind}
+    assert set(error_type["enum"]) == leaves
+    assert {"dependency_failed", "too_many_items"} <= leaves
+    assert "dependency_failed" in error_type["description"]
+    result = schemas(doc)["SourceResult"]
+    assert {"started_ms", "waited_for"} <= set(result["required"])

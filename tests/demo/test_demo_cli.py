@@ -69,6 +69,17 @@ def test_demo_serves_real_data_and_stops_cleanly(tmp_path: Path) -> None:
         assert composite["results"]["orders"]["ok"] is True
         assert len(composite["results"]["orders"]["data"]) == 5
 
+        # The chained composite: profile, then its orders, then each order's stock.
+        match = re.search(r"curl -s '(http://\S+/aggregate/order_stock\?\S+)'", banner)
+        assert match, banner
+        with urllib.request.urlopen(match.group(1), timeout=10) as resp:
+            chained = json.load(resp)
+        assert chained["complete"] is True, chained
+        skus = [row["sku"] for row in chained["results"]["orders"]["data"]]
+        assert len(skus) == 3
+        assert [item["data"]["sku"] for item in chained["results"]["stock"]["data"]] == skus
+        assert chained["results"]["stock"]["waited_for"] == ["orders"]
+
         match = re.search(r"curl -s (http://\S+/transform/trig_log) -H '[^']+' -d '(.+)'", banner)
         assert match, banner
         status, body = post_json(match.group(1), match.group(2))

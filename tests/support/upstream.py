@@ -99,6 +99,7 @@ class RecordedRequest:
     started: float  # time.monotonic()
     ended: float | None = None  # None while the handler still runs
     disconnected: bool = False  # the client went away before the answer was complete
+    raw_path: str = ""  # as sent, percent-escapes and all (`path` is decoded)
 
 
 @dataclass(slots=True)
@@ -390,6 +391,7 @@ class UpstreamServer:
             headers=headers,
             body=body,
             started=time.monotonic(),
+            raw_path=request.raw_path.partition("?")[0],
         )
         with self._cond:
             seq = self._next_seq
