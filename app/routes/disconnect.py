@@ -41,8 +41,6 @@ async def until_disconnected(
     assert current is not None
     extension = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
     signal: DisconnectSignal | None = extension["connection"] if extension is not None else None
-    if signal is None:
-        return await _watching(receive, work, current, what)
     disconnected = False
 
     def gone() -> None:
@@ -50,39 +48,28 @@ async def until_disconnected(
         disconnected = True
         current.cancel()
 
-    signal.watch_disconnect(gone)
-    try:
-        return await work
-    except asyncio.CancelledError:
-        # As in _watching: only the disconnect's own cancellation becomes ClientDisconnectedError.
-        if disconnected and current.uncancel() == 0:
-            raise ClientDisconnectedError(f"the client disconnected before {what}") from None
-        raise
-    finally:
-        signal.watch_disconnect(None)
-
-
-async def _watching(receive: Receive, work: Awaitable[T], current: asyncio.Task[object], what: str) -> T:
-    disconnected = False
-
     async def watch() -> None:
-        nonlocal disconnected
         while (await receive())["type"] != "http.disconnect":
             pass
-        disconnected = True
-        current.cancel()
+        gone()
 
-    watcher = asyncio.create_task(watch(), name="disconnect-watcher")
+    watcher: asyncio.Task[None] | None = None
+    if signal is not None:
+        signal.watch_disconnect(gone)
+    else:
+        watcher = asyncio.create_task(watch(), name="disconnect-watcher")
     try:
         return await work
     except asyncio.CancelledError:
-        # Cancelled by the watcher, and by nothing else (the server's own cancellation, a drain timeout, stays
+        # Cancelled by the disconnect, and by nothing else (the server's own cancellation, a drain timeout, stays
         # a cancellation): that cancellation is spent here and becomes the disconnect.
         if disconnected and current.uncancel() == 0:
             raise ClientDisconnectedError(f"the client disconnected before {what}") from None
         raise
     finally:
-        if not watcher.done():
+        if signal is not None:
+            signal.watch_disconnect(None)
+        elif watcher is not None and not watcher.done():
             watcher.cancel()
             # Wait for it to finish cancelling, so no task outlives the request.
             await asyncio.wait({watcher})

@@ -12,11 +12,9 @@ import asyncio
 import logging
 
 import redis.asyncio as aioredis
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from app.errors import RateLimitBackendError, ResourceClosedError
+from app.redisclient import REDIS_FAILURES, bounded_client, ping_or_warn
 from app.security.ratelimit import Decision
 from app.settings import RateLimitSettings
 
@@ -54,7 +52,6 @@ return {allowed, tostring(tokens), wait_us}
 """
 
 # Connections to Redis, at most; beyond it a request waits (within the timeout) rather than open more.
-MAX_CONNECTIONS = 32
 BACKOFF_AFTER_FAILURE_S = 1.0
 
 
@@ -72,26 +69,16 @@ class RedisRateLimiter:
 
     async def start(self) -> None:
         """Connect and load the script. Redis being down is logged, not fatal: the failure mode covers it."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=self._timeout_s,
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-            # No retries inside the client: one bounded attempt, then the failure mode.
-            retry=Retry(NoBackoff(), 0),
-        )
-        self._client = aioredis.Redis.from_pool(pool)
+        self._client = bounded_client(self._url, timeout_s=self._timeout_s)
         self._script = self._client.register_script(TOKEN_BUCKET)
-        try:
-            async with asyncio.timeout(self._timeout_s * 5):
-                await self._client.ping()
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            log.warning(
-                "rate limiter: redis does not answer (%s); the failure mode applies until it does",
-                type(exc).__name__,
-                extra={"event": "ratelimit_backend_down"},
-            )
+        await ping_or_warn(
+            self._client,
+            timeout_s=self._timeout_s,
+            log=log,
+            who="rate limiter",
+            meanwhile="the failure mode applies until it does",
+            event="ratelimit_backend_down",
+        )
 
     async def aclose(self) -> None:
         self._closed = True
@@ -109,7 +96,7 @@ class RedisRateLimiter:
         try:
             async with asyncio.timeout(self._timeout_s):
                 reply = await script(keys=[self._prefix + key], args=[repr(float(rate_per_s)), str(burst)])  # type: ignore[operator]
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._down_until = loop.time() + BACKOFF_AFTER_FAILURE_S
             raise RateLimitBackendError(f"redis: {type(exc).__name__}") from exc
         allowed, tokens, wait_us = reply

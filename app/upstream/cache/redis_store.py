@@ -1,6 +1,6 @@
 """The shared store: entries in Redis, so that every replica reads what one of them stored.
 
-The client and its bounds are the shared rate limiter's (app/security/redis_ratelimit.py): a blocking pool of a few
+The client and its bounds are the shared rate limiter's (app/redisclient.py): a blocking pool of a few
 connections, one attempt per command within ``redis_timeout_ms``, no retries inside the client. A failure (Redis
 down, slow, the pool full) is a CacheBackendError after at most that long; the store turns it into a miss (or a
 store skipped), counted, and never fails a source for it. After a failure Redis is left alone for a second, so that
@@ -20,16 +20,13 @@ from collections.abc import Callable
 
 import orjson
 import redis.asyncio as aioredis
-import redis.exceptions
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from app.errors import CacheBackendError, ResourceClosedError
+from app.redisclient import REDIS_FAILURES, bounded_client, ping_or_warn
 from app.upstream.cache.entry import Entry, decode, encode
 
 log = logging.getLogger(__name__)
 
-MAX_CONNECTIONS = 32
 BACKOFF_AFTER_FAILURE_S = 1.0
 # Redis refuses expiry times past what it can hold; no entry is of use for a year anyway.
 MAX_TTL_MS = 365 * 86_400 * 1000
@@ -48,24 +45,15 @@ class RedisCache:
 
     async def start(self) -> None:
         """Connect. Redis being down is logged, not fatal: every lookup is then a miss until it answers."""
-        pool = aioredis.BlockingConnectionPool.from_url(
-            self._url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=self._timeout_s,
-            socket_timeout=self._timeout_s,
-            socket_connect_timeout=self._timeout_s,
-            retry=Retry(NoBackoff(), 0),
+        self._client = bounded_client(self._url, timeout_s=self._timeout_s)
+        await ping_or_warn(
+            self._client,
+            timeout_s=self._timeout_s,
+            log=log,
+            who="cache",
+            meanwhile="lookups are misses until it does",
+            event="cache_backend_down",
         )
-        self._client = aioredis.Redis.from_pool(pool)
-        try:
-            async with asyncio.timeout(self._timeout_s * 5):
-                await self._client.ping()
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            log.warning(
-                "cache: redis does not answer (%s); lookups are misses until it does",
-                type(exc).__name__,
-                extra={"event": "cache_backend_down"},
-            )
 
     async def aclose(self) -> None:
         self._closed = True
@@ -95,7 +83,7 @@ class RedisCache:
         try:
             async with asyncio.timeout(self._timeout_s):
                 return await command  # type: ignore[misc]
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._down_until = loop.time() + BACKOFF_AFTER_FAILURE_S
             raise CacheBackendError(f"redis: {type(exc).__name__}") from exc
 
