@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -46,39 +45,6 @@ def toml(data: dict[str, Any], prefix: str = "") -> str:
             for item in value:
                 out += f"\n[[{name}]]\n" + toml(item, f"{name}.")
     return out
-
-
-def _pin_threads(pid: int, cpus: set[int]) -> None:
-    # An affinity is per thread on Linux: every thread the process has now (a thread started later inherits its
-    # creator's).
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(ProcessLookupError):
-            os.sched_setaffinity(int(tid), cpus)
-
-
-@contextlib.contextmanager
-def cores_apart(gw: GatewayProcess) -> Iterator[None]:
-    """The gateway on one core, this test process (its servers, and the load generators and probers it starts
-    from here on) on the others, for as long as the block runs.
-
-    Real clients are on other machines. Sharing two cores, a load generator takes CPU the gateway's event loop
-    would otherwise have, and everything the gateway does (answering a probe included) then waits in the kernel's
-    run queue, for 100-300 ms at a time on this machine while a burst connects: a wait that is the test's and
-    not the gateway's. The benchmark harness pins its processes the same way (bench/procs.py).
-    """
-    mine = os.sched_getaffinity(0)
-    if len(mine) < 2:
-        yield  # one core: nothing to set apart
-        return
-    server = min(mine)
-    _pin_threads(gw.proc.pid, {server})
-    _pin_threads(os.getpid(), mine - {server})
-    try:
-        yield
-    finally:
-        _pin_threads(os.getpid(), mine)
-        with contextlib.suppress(FileNotFoundError):
-            _pin_threads(gw.proc.pid, mine)
 
 
 BASE: dict[str, Any] = {

@@ -13,8 +13,8 @@ admitted is answered after that wait plus the upstream's second. That is why the
 from the gateway's own histogram, and the client-side figures are reported but bound only loosely. The numbers
 are printed (run with -s) and recorded in the README, "Overload behaviour".
 
-The probers and the burst are processes of their own, on a core apart from the gateway's (tests/faults/support.py,
-cores_apart): real clients would be on other machines. The burst also runs at a lower priority than the probers.
+The probers and the burst are processes of their own. The burst runs at a lower priority: on this one machine it
+competes with the gateway for the same two cores, where real clients would be elsewhere.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.faults.support import aggregate, config, cores_apart, rss_mib, serve
+from tests.faults.support import aggregate, config, rss_mib, serve
 from tests.security.conftest import metric
 from tests.support.gateway import GatewayProcess
 from tests.support.upstream import Behavior, UpstreamServer
@@ -97,23 +97,22 @@ async def test_burst_far_beyond_capacity(gateway: GatewayProcess, upstream: Upst
         assert body["complete"] is True
     baseline = rss_mib(gateway)
 
-    with cores_apart(gateway):
-        liveness = await start_prober(port)
-        # A cheap request, subject to the limit like any (404 when admitted: no such composite): while the burst holds
-        # every slot, it must be refused at once.
-        excess = await start_prober(port, "--path", "/aggregate/no-such-composite")
-        stop = asyncio.Event()
-        rss: list[float] = []
-        sampler = asyncio.create_task(sample_rss(gateway, stop, rss))
-        burst = await asyncio.create_subprocess_exec(
-            "nice", "-n", "10", sys.executable, "-m", "tests.faults.burst", "--port", str(port),
-            "--connections", str(CONNECTIONS), "--body", BODY, stdout=subprocess.PIPE,
-        )  # fmt: skip
-        out, _ = await burst.communicate()
-        probes = await stop_prober(liveness)
-        refused = [seconds for status, seconds in await stop_prober(excess) if status == 503]
-        stop.set()
-        await sampler
+    liveness = await start_prober(port)
+    # A cheap request, subject to the limit like any (404 when admitted: no such composite): while the burst holds
+    # every slot, it must be refused at once.
+    excess = await start_prober(port, "--path", "/aggregate/no-such-composite")
+    stop = asyncio.Event()
+    rss: list[float] = []
+    sampler = asyncio.create_task(sample_rss(gateway, stop, rss))
+    burst = await asyncio.create_subprocess_exec(
+        "nice", "-n", "10", sys.executable, "-m", "tests.faults.burst", "--port", str(port),
+        "--connections", str(CONNECTIONS), "--body", BODY, stdout=subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await burst.communicate()
+    probes = await stop_prober(liveness)
+    refused = [seconds for status, seconds in await stop_prober(excess) if status == 503]
+    stop.set()
+    await sampler
     result: dict[str, Any] = json.loads(out)
 
     async with aiohttp.ClientSession() as client:
