@@ -62,7 +62,7 @@ ensure-chromium:
 	@scripts/install-chromium.sh
 
 # The benchmark harness (docs/benchmarks.md): `make bench` for the full run, `make bench BENCH=--quick` for one
-# under 3 minutes. Installs wrk and nginx with apt-get when they are missing.
+# about 5 minutes. Installs wrk and nginx with apt-get when they are missing.
 bench: install
 	$(BIN)/python -m bench $(BENCH)
 

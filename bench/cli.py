@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_const", const="quick", dest="profile", help="under 3 minutes")
+    mode.add_argument("--quick", action="store_const", const="quick", dest="profile", help="about 5 minutes")
     mode.add_argument("--profile", choices=sorted(PROFILES), help="full (the default), quick, smoke")
     p.set_defaults(profile="full")
     p.add_argument(
