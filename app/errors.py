@@ -422,6 +422,14 @@ class UpstreamError(SourceError):
 class UpstreamTimeoutError(UpstreamError):
     kind = "timeout"
 
+    def __init__(self, message: str, *, limit_s: float) -> None:
+        """``limit_s``: the time allowed that ran out (the connect timeout, or the attempt's own)."""
+        super().__init__(message)
+        self.limit_s = limit_s
+        # Set when the gateway's own event loop stood still for much of that time (app/upstream/client.py): the
+        # timeout then says nothing about the upstream, and is not held against it.
+        self.stalled_s: float | None = None
+
 
 class UpstreamConnectError(UpstreamError):
     kind = "connect"

@@ -126,7 +126,11 @@ def build_lifespan(state: GatewayState) -> Callable[[FastAPI], AbstractAsyncCont
             state.http = HttpSession(settings.http)
             await _open(stack, readiness, "http", state.http)
             state.upstreams = UpstreamClient(
-                settings, state.http, observer=metrics.upstream, cache_observer=metrics.cache
+                settings,
+                state.http,
+                observer=metrics.upstream,
+                cache_observer=metrics.cache,
+                loop_stall=sampler.stall_within,
             )
             await _open(stack, readiness, "upstreams", state.upstreams)
 

@@ -25,26 +25,46 @@ class LoopLagSampler:
         self._on_sample = on_sample
         self._interval = interval_s
         self._task: asyncio.Task[None] | None = None
-        self._recent: collections.deque[float] = collections.deque(maxlen=max(1, int(window_s / interval_s)))
+        # (perf_counter when taken, lag) of the samples over the last window.
+        self._recent: collections.deque[tuple[float, float]] = collections.deque(
+            maxlen=max(1, int(window_s / interval_s))
+        )
+        self._due = float("inf")  # when the next sample is due (perf_counter)
 
     def worst_recent_s(self) -> float:
         """The worst lag over the last window (about ``window_s``)."""
-        return max(self._recent, default=0.0)
+        return max((lag for _, lag in self._recent), default=0.0)
+
+    def stall_within(self, seconds: float) -> float:
+        """How long the loop stood still, at worst, over the last ``seconds``: the worst lag of the samples taken
+        in that time, and of the sample due now that has not run yet. Read by the task a timer has just woken, this
+        sees a stall that ended a moment ago even when that task runs before the sampler's, whose timer expired in
+        the same stall. A stall shorter than the sampling interval may go unseen."""
+        now = time.perf_counter()
+        worst = max(0.0, now - self._due)
+        since = now - seconds
+        for taken, lag in reversed(self._recent):
+            if taken < since:
+                break
+            worst = max(worst, lag)
+        return worst
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="loop-lag-sampler")
 
     async def _run(self) -> None:
         while True:
-            expected = time.perf_counter() + self._interval
+            self._due = time.perf_counter() + self._interval
             await asyncio.sleep(self._interval)
-            lag = max(0.0, time.perf_counter() - expected)
+            now = time.perf_counter()
+            lag = max(0.0, now - self._due)
             self._histogram.observe(lag)
-            self._recent.append(lag)
+            self._recent.append((now, lag))
             if self._on_sample is not None:
                 self._on_sample(lag)
 
     async def aclose(self) -> None:
+        self._due = float("inf")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -56,7 +56,8 @@ async def call_once(
     UpstreamStatusError for 5xx and 429 (callers decide whether to retry); every other status is a Reply.
     ``server_hostname``: the name the TLS handshake sends and checks when ``url`` names an address.
     """
-    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=min(connect_timeout_s, timeout_s))
+    connect_s = min(connect_timeout_s, timeout_s)
+    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s)
     data = None if body is None else _encode(body)
     send_headers = dict(headers)
     if data is not None:
@@ -77,7 +78,11 @@ async def call_once(
             status = resp.status
             reply_headers = resp.headers  # immutable and case-insensitive
     except TimeoutError as exc:
-        raise UpstreamTimeoutError(f"{upstream} did not answer within {timeout_s * 1000:.0f} ms") from exc
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            message, limit_s = f"{upstream}: no connection within {connect_s * 1000:.0f} ms", connect_s
+        else:
+            message, limit_s = f"{upstream} did not answer within {timeout_s * 1000:.0f} ms", timeout_s
+        raise UpstreamTimeoutError(message, limit_s=limit_s) from exc
     except aiohttp.ClientResponseError as exc:
         raise BadResponseError(f"{upstream} sent an invalid HTTP response: {exc.message}") from exc
     except aiohttp.ClientPayloadError as exc:

@@ -119,10 +119,14 @@ class UpstreamClient:
         rng: random.Random | None = None,
         resolver: Resolver | None = None,
         clock: Callable[[], float] = time.monotonic,
+        loop_stall: Callable[[float], float] | None = None,
     ) -> None:
         """``resolver``: where the names of upstreams with ``dns_refresh_s`` are resolved (default: the system's,
-        in threads of its own); ``clock``: the outlier ejection's time."""
+        in threads of its own); ``clock``: the outlier ejection's time; ``loop_stall``: how long the event loop
+        stood still, at worst, over the last given seconds (the loop-lag sampler's), which decides whether a
+        timeout is held against the upstream."""
         self._http = http
+        self._loop_stall = loop_stall
         self._observer = observer
         self._cache_observer = cache_observer
         self._rng = rng or random.Random()
@@ -331,9 +335,18 @@ class UpstreamClient:
                 )
                 fault = False
             except UpstreamTimeoutError as exc:
-                if remaining < per_try:
+                if remaining < per_try and exc.limit_s >= remaining:
                     self._observe(up.name, "deadline", started)
                     raise DeadlineExceededError(f"{up.name} did not answer before the deadline") from exc
+                stalled = self._stalled(exc, loop.time() - started)
+                if stalled is not None:
+                    exc.stalled_s = stalled
+                    exc.message += (
+                        f" (the gateway's event loop stood still for {stalled * 1000:.0f} ms of it: not held against"
+                        f" {up.name})"
+                    )
+                    self._observe(up.name, "stalled", started)
+                    raise
                 fault = True
                 self._observe(up.name, exc.kind, started)
                 raise
@@ -348,6 +361,16 @@ class UpstreamClient:
         self._observe(up.name, "ok", started)
         return reply
 
+    def _stalled(self, exc: UpstreamTimeoutError, elapsed: float) -> float | None:
+        """How long the event loop stood still during an attempt that timed out after ``elapsed`` seconds, when
+        that is at least half the time allowed: the gateway, not the upstream, ran out this timeout (a burst of
+        connections handled in one turn, a long collection, a CPU-throttled or paused process). An answer or a
+        connection that arrived meanwhile waits unread until the loop turns, and then the expired timer wins."""
+        if self._loop_stall is None:
+            return None
+        stalled = self._loop_stall(elapsed)
+        return stalled if stalled * 2 >= exc.limit_s else None
+
     def _observe(self, upstream: str, outcome: str, started: float) -> None:
         if self._observer is not None:
             self._observer.attempt(upstream, outcome, asyncio.get_running_loop().time() - started)
@@ -358,6 +381,8 @@ def _cached_result(entry: Entry) -> Result:
 
 
 def _is_upstream_fault(err: SourceError) -> bool:
+    if isinstance(err, UpstreamTimeoutError) and err.stalled_s is not None:
+        return False
     if isinstance(err, ResponseTooLargeError | BadResponseError):
         return True
     # Every 5xx is the upstream failing, retried or not (a 500 is not worth a retry, but it is worth counting).

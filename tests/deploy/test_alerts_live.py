@@ -209,13 +209,14 @@ async def test_every_dashboard_query_returns_a_series(stack: Stack) -> None:
                     assert resp.status == 200, await resp.text()
         loaded = time.monotonic()
         prom = PrometheusApi(stack.prometheus, http)
-        # Both gateways scraped twice since, so that a series the load created has the two samples rate() needs
-        # (the window, whole seconds since the load, never reaches back before it).
+        # The three gateways scraped twice since, so that a series the load created has the two samples rate()
+        # needs (the window, whole seconds since the load, never reaches back before it); the idle one carries the
+        # cache and endpoint series, which exist from its start.
         async with asyncio.timeout(20):
             while True:
                 since = f"{int(time.monotonic() - loaded)}s"
                 if since != "0s" and await prom.query(
-                    f'min(count_over_time(up{{job=~"gateway-outage|gateway-db"}}[{since}])) >= 2'
+                    f'min(count_over_time(up{{job=~"gateway-outage|gateway-db|gateway-idle"}}[{since}])) >= 2'
                 ):
                     break
                 await asyncio.sleep(POLL_S)

@@ -13,6 +13,8 @@ import argparse
 import asyncio
 import json
 import resource
+import socket
+import struct
 import sys
 import time
 from collections import Counter, defaultdict
@@ -28,7 +30,22 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-async def one(port: int, request: bytes, start: asyncio.Event, timeout_s: float) -> tuple[Any, float, float, bool]:
+# struct tcp_info (linux/tcp.h): eight one-byte fields, then 32-bit ones; tcpi_total_retrans is the 24th of those.
+_TOTAL_RETRANS = struct.Struct("I")
+_TOTAL_RETRANS_OFFSET = 8 + 23 * 4
+
+
+def retransmitted(sock: socket.socket) -> bool:
+    """Whether the kernel had to send anything on this connection again (the handshake or the request): what such
+    a connection waited for is the kernel's retransmission timer, hundreds of milliseconds to seconds, which no
+    server code can shorten."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 104)
+    return bool(_TOTAL_RETRANS.unpack_from(info, _TOTAL_RETRANS_OFFSET)[0])
+
+
+async def one(
+    port: int, request: bytes, start: asyncio.Event, timeout_s: float
+) -> tuple[Any, float, float, bool, bool]:
     await start.wait()
     began = time.perf_counter()
     try:
@@ -38,12 +55,13 @@ async def one(port: int, request: bytes, start: asyncio.Event, timeout_s: float)
             writer.write(request)
             data = await reader.read()
             answered = time.perf_counter()
+            resent = retransmitted(writer.get_extra_info("socket"))
             writer.close()
     except (OSError, TimeoutError) as exc:
-        return type(exc).__name__, time.perf_counter() - began, 0.0, False
+        return type(exc).__name__, time.perf_counter() - began, 0.0, False, False
     head = data.split(b"\r\n\r\n", 1)[0].lower()
     status = int(data[9:12]) if data[:5] == b"HTTP/" else "garbled"
-    return status, connected - began, answered - connected, b"\r\nretry-after:" in head
+    return status, connected - began, answered - connected, b"\r\nretry-after:" in head, resent
 
 
 async def burst(args: argparse.Namespace) -> dict[str, Any]:
@@ -62,10 +80,16 @@ async def burst(args: argparse.Namespace) -> dict[str, Any]:
     results = await asyncio.gather(*tasks)
     elapsed = time.perf_counter() - began
     by_status: dict[str, list[float]] = defaultdict(list)
+    unretransmitted: dict[str, list[float]] = defaultdict(list)
     connects: list[float] = []
     retry_after: Counter[str] = Counter()
-    for status, connect_s, answer_s, has_retry_after in results:
+    resent: Counter[str] = Counter()
+    for status, connect_s, answer_s, has_retry_after, was_resent in results:
         by_status[str(status)].append(answer_s)
+        if was_resent:
+            resent[str(status)] += 1
+        else:
+            unretransmitted[str(status)].append(answer_s)
         if answer_s:
             connects.append(connect_s)
         if has_retry_after:
@@ -77,6 +101,10 @@ async def burst(args: argparse.Namespace) -> dict[str, Any]:
         "answer_p50_ms": {k: percentile(v, 0.5) * 1000 for k, v in by_status.items()},
         "answer_p99_ms": {k: percentile(v, 0.99) * 1000 for k, v in by_status.items()},
         "answer_max_ms": {k: max(v) * 1000 for k, v in by_status.items()},
+        # Connections on which the kernel had to resend the handshake or the request (a full listen queue), by status;
+        # and the latency of the others, whose wait the server alone decided.
+        "retransmitted": dict(resent),
+        "answer_max_ms_unretransmitted": {k: max(v) * 1000 for k, v in unretransmitted.items()},
         "connect_p99_ms": percentile(connects, 0.99) * 1000,
         "connect_max_ms": max(connects, default=0.0) * 1000,
     }

@@ -10,7 +10,11 @@ gateway serves normally.
 The burst's own timings start when the kernel completes a connection, so they include the time the connection
 waited in the listen queue before the gateway accepted it: a connection accepted late in the burst and then
 admitted is answered after that wait plus the upstream's second. That is why the admitted requests' latency is read
-from the gateway's own histogram, and the client-side figures are reported but bound only loosely. The numbers
+from the gateway's own histogram, and the client-side figures are reported but bound only loosely. Worse, with the
+listen queue full the kernel drops handshakes and requests, and the client's kernel sends them again after its
+retransmission timer (hundreds of milliseconds, doubling up to seconds): a refusal on such a connection can reach
+its client seconds late though the gateway answered it the moment it read it. The burst tells those connections
+apart (TCP_INFO), and the bound on refusals is on the others, whose wait the gateway alone decided. The numbers
 are printed (run with -s) and recorded in the README, "Overload behaviour".
 
 The probers and the burst are processes of their own. The burst runs at a lower priority: on this one machine it
@@ -92,9 +96,12 @@ def percentile(values: list[float], q: float) -> float:
 @pytest.mark.timeout(120)
 async def test_burst_far_beyond_capacity(gateway: GatewayProcess, upstream: UpstreamServer) -> None:
     port = int(gateway.url.rsplit(":", 1)[1])
+    # The gateway's connections to the upstream are opened before the burst, as steady traffic would have left
+    # them: the burst is about admission, not about connecting to an upstream server that shares these two cores
+    # with it. (A connect timeout that the gateway's own stall runs out is tests/faults/test_loop_stall.py's.)
     async with aiohttp.ClientSession() as client:
-        _, body, _ = await aggregate(client, gateway, SOURCES)
-        assert body["complete"] is True
+        warm = await asyncio.gather(*(aggregate(client, gateway, SOURCES) for _ in range(IN_FLIGHT)))
+        assert all(body["complete"] for _, body, _ in warm)
     baseline = rss_mib(gateway)
 
     liveness = await start_prober(port)
@@ -146,10 +153,13 @@ async def test_burst_far_beyond_capacity(gateway: GatewayProcess, upstream: Upst
     assert len(refused) >= 10, "the excess prober ran into the limit during the burst"
     # Queued for a slot, a probe would wait for an upstream call to end: half a second on average.
     assert report["shed_probe_p99_ms"] < 250, "the excess is refused at once, not queued"
-    assert result["answer_max_ms"]["503"] < 3000, "no refusal waited out the deadline"
+    resent = result["retransmitted"].get("503", 0)
+    assert counts["503"] - resent >= CONNECTIONS // 10, "most refusals reached the gateway without a resend"
+    # A refusal queued for a slot would wait for an upstream call to end; the kernel's resends are not the gateway's.
+    assert result["answer_max_ms_unretransmitted"]["503"] < UPSTREAM_LATENCY_S * 1000, "no refusal waited for a slot"
     admitted = metric(text, "gateway_http_request_duration_seconds_count", route="/aggregate", method="POST")
     in_time = metric(text, "gateway_http_request_duration_seconds_bucket", route="/aggregate", method="POST", le="2.5")
-    assert admitted == 1 + counts["200"] + IN_FLIGHT, "warm-up, burst and after: the shed are not in the histogram"
+    assert admitted == IN_FLIGHT + counts["200"] + IN_FLIGHT, "warm-up, burst, after: the shed are not in it"
     assert in_time == admitted, "every admitted request ended in about the upstream's second, none at the deadline"
     assert report["rss_peak_mib"] - baseline < 200, "memory stays bounded"
     assert all(b["complete"] for _, b, _ in after), "afterwards it serves normally"
