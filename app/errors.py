@@ -55,7 +55,7 @@ GatewayError
 │   └── TransformTimeoutError   504: the job overran job_timeout_s; its worker was killed and replaced
 └── SourceError                 one source of an aggregate failed; reported per source, never as HTTP
     ├── UpstreamError
-    │   ├── UpstreamTimeoutError   timeout: one attempt overran its per-try timeout
+    │   ├── UpstreamTimeoutError   timeout: one attempt overran its per-try or connect timeout
     │   ├── UpstreamConnectError   connect: no connection, or it broke before an answer
     │   ├── UpstreamStatusError    upstream_status: the upstream answered with an error status
     │   ├── ResponseTooLargeError  too_large: the body exceeded max_response_bytes

@@ -36,32 +36,38 @@ class LoopLagSampler:
         return max((lag for _, lag in self._recent), default=0.0)
 
     def stall_within(self, seconds: float) -> float:
-        """How long the loop stood still, at worst, over the last ``seconds``: the worst lag of the samples taken
-        in that time, and of the sample due now that has not run yet. Read by the task a timer has just woken, this
-        sees a stall that ended a moment ago even when that task runs before the sampler's, whose timer expired in
-        the same stall. A stall shorter than the sampling interval may go unseen."""
+        """How long the loop stood still, at worst, within the last ``seconds``: each sample's lag cut to the part
+        of it inside that window (a stall that ended before the window began is none of its business), and the
+        same for the sample due now that has not run yet. Read by the task a timer has just woken, this sees a
+        stall that ended a moment ago even when that task runs before the sampler's, whose timer expired in the
+        same stall. It falls short of the real stall by up to one sampling interval (the sample may have fallen
+        due late in it), and a stall shorter than the interval may go unseen."""
         now = time.perf_counter()
-        worst = max(0.0, now - self._due)
         since = now - seconds
+        worst = max(0.0, now - max(self._due, since))
         for taken, lag in reversed(self._recent):
             if taken < since:
                 break
-            worst = max(worst, lag)
+            worst = max(worst, min(lag, taken - since))
         return worst
 
     async def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="loop-lag-sampler")
 
     async def _run(self) -> None:
-        while True:
-            self._due = time.perf_counter() + self._interval
-            await asyncio.sleep(self._interval)
-            now = time.perf_counter()
-            lag = max(0.0, now - self._due)
-            self._histogram.observe(lag)
-            self._recent.append((now, lag))
-            if self._on_sample is not None:
-                self._on_sample(lag)
+        try:
+            while True:
+                self._due = time.perf_counter() + self._interval
+                await asyncio.sleep(self._interval)
+                now = time.perf_counter()
+                lag = max(0.0, now - self._due)
+                self._histogram.observe(lag)
+                self._recent.append((now, lag))
+                if self._on_sample is not None:
+                    self._on_sample(lag)
+        finally:
+            # However the sampler ends, no sample is due any more: an ever later one would read as a stall.
+            self._due = float("inf")
 
     async def aclose(self) -> None:
         self._due = float("inf")

@@ -36,6 +36,9 @@ from app.upstream.resolver import Resolver, SystemResolver
 from app.upstream.retry import IDEMPOTENT_METHODS, RetryBudget, backoff_s, is_transient, parse_retry_after
 from app.upstream.session import HttpSession, new_session
 
+# A loop that stood still for less than this excuses no timeout, however short the timeout: a turn of the loop
+# that long is its ordinary business under load.
+MIN_STALL_S = 0.05
 # A retry is pointless when less than this is left before the deadline.
 MIN_ATTEMPT_S = 0.005
 
@@ -363,13 +366,14 @@ class UpstreamClient:
 
     def _stalled(self, exc: UpstreamTimeoutError, elapsed: float) -> float | None:
         """How long the event loop stood still during an attempt that timed out after ``elapsed`` seconds, when
-        that is at least half the time allowed: the gateway, not the upstream, ran out this timeout (a burst of
-        connections handled in one turn, a long collection, a CPU-throttled or paused process). An answer or a
-        connection that arrived meanwhile waits unread until the loop turns, and then the expired timer wins."""
+        that is at least half the time allowed (and MIN_STALL_S): the gateway, not the upstream, ran out this
+        timeout (a burst of connections handled in one turn, a long collection, a CPU-throttled or paused process).
+        An answer or a connection that arrived meanwhile waits unread until the loop turns, and then the expired
+        timer wins."""
         if self._loop_stall is None:
             return None
         stalled = self._loop_stall(elapsed)
-        return stalled if stalled * 2 >= exc.limit_s else None
+        return stalled if stalled * 2 >= exc.limit_s and stalled >= MIN_STALL_S else None
 
     def _observe(self, upstream: str, outcome: str, started: float) -> None:
         if self._observer is not None:

@@ -56,3 +56,35 @@ async def test_a_closed_sampler_reports_no_stall() -> None:
     await lag.start()
     await lag.aclose()
     assert lag.stall_within(60.0) == 0.0
+
+
+async def timer_woken_reads() -> tuple[float, float]:
+    """A timer that expires during the stall, as a call's timeout does, scheduled to run before the sampler's own
+    (earlier deadline): what it reads is the sample overdue at that moment. A window that began after most of the
+    stall counts only its part of it."""
+    lag = sampler()
+    await lag.start()
+    loop = asyncio.get_running_loop()
+    read: dict[str, float] = {}
+    try:
+        await asyncio.sleep(5 * INTERVAL_S)
+        began = time.perf_counter()
+        loop.call_later(INTERVAL_S / 10, lambda: read.update(timer=lag.stall_within(time.perf_counter() - began)))
+        time.sleep(STALL_S)  # noqa: ASYNC251 -- the loop stands still: the subject of the test
+        loop.call_soon(lambda: read.update(late=lag.stall_within(0.1)))
+        deadline = time.monotonic() + 10
+        while len(read) < 2:
+            assert time.monotonic() < deadline, "the callbacks never ran"
+            await asyncio.sleep(INTERVAL_S)
+    finally:
+        await lag.aclose()
+    return read["timer"], read["late"]
+
+
+@pytest.mark.parametrize("loop_factory", [asyncio.new_event_loop, uvloop.new_event_loop], ids=["asyncio", "uvloop"])
+def test_a_timer_expired_in_the_stall_sees_it_and_a_late_window_sees_only_its_part(loop_factory: type) -> None:
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        timer, late_window = runner.run(timer_woken_reads())
+    assert timer >= STALL_S * 0.8
+    # A window of the last 0.1 s, read just after the stall: at most that much of it, however long it was.
+    assert late_window <= 0.1 + INTERVAL_S
