@@ -222,17 +222,23 @@ class Database:
                 self._putconn(conn, close=discard or bool(conn.closed))
         raise AssertionError("unreachable")
 
-    def cancel_running(self) -> int:
-        """Ask the server to cancel every query running now; returns how many. Blocking (one short connection to
-        the server per query): call it off the loop. Used when the drain timeout passes, so that queries whose
-        requests were cancelled do not hold the executor's close until their own statement timeout."""
+    def running(self) -> list[_Job]:
+        """The queries running now: a snapshot, cheap enough for the loop."""
         with self._running_lock:
-            running = list(self._running)
-        for job in running:
+            return list(self._running)
+
+    def cancel_running(self, jobs: list[_Job] | None = None) -> int:
+        """Ask the server to cancel ``jobs`` (a snapshot from running(); default: every query running now);
+        returns how many. Blocking (one short connection to the server per query still running): call it off the
+        loop. Used when the drain timeout passes, so that queries whose requests were cancelled do not hold the
+        executor's close until their own statement timeout."""
+        if jobs is None:
+            jobs = self.running()
+        for job in jobs:
             with job.lock:
                 job.cancelled = True
             _cancel_if_owned(job)  # checks, under the job's lock, that the connection still runs this job
-        return len(running)
+        return len(jobs)
 
     def _getconn(self) -> psycopg2.extensions.connection:
         try:

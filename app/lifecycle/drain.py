@@ -246,8 +246,15 @@ class Drain:
         if db is None:
             return
 
+        # Taken in the turn the timeout passed, before the requests cancelled in this same turn have run: each of
+        # them cancels its own query on the server too, and may be done before the thread below looks. A query
+        # running now is cancelled by the drain either way, and counted once, here.
+        running = db.running()
+        if not running:
+            return
+
         async def cancel() -> None:
-            cancelled = await run_in_own_thread(db.cancel_running, name="db-cancel")
+            cancelled = await run_in_own_thread(lambda: db.cancel_running(running), name="db-cancel")
             self.cancelled_queries += cancelled
             if cancelled:
                 log.warning(
