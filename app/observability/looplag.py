@@ -70,7 +70,6 @@ class LoopLagSampler:
             self._due = float("inf")
 
     async def aclose(self) -> None:
-        self._due = float("inf")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
