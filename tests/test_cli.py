@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 import urllib.request
@@ -70,6 +71,36 @@ admin_port = {admin_port}
     assert collector["thresholds"] == [3000, 15, 12]
     assert collector["frozen_objects"] > 10_000, "the start-up heap is out of the collector's sight"
     assert len(collector["generations"]) == 3
+
+
+def test_serve_collects_on_its_clock_by_default(tmp_path: Path) -> None:
+    admin_port = free_port()
+    config = tmp_path / "gateway.toml"
+    config.write_text(f"""
+[server]
+drain_delay_s = 0
+gc_interval_s = 0.05
+[compute]
+enabled = false
+[observability]
+admin_port = {admin_port}
+""")
+    with gateway_process(config, tmp_path) as gw:
+        deadline = time.monotonic() + 10
+        while True:  # the clock's first collections, once ready
+            with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics") as resp:
+                text = resp.read().decode()
+            count = re.search(r'^gateway_gc_pause_seconds_count\{generation="0"\} (\S+)$', text, re.MULTILINE)
+            if (count is not None and float(count.group(1)) >= 2) or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/debug/memory") as resp:
+            collector = json.load(resp)["gc"]
+        assert gw.proc.poll() is None
+    assert count is not None, "the pause histogram is exported"
+    assert float(count.group(1)) >= 2, "young collections on the clock"
+    assert collector["count_trigger"] is False, "allocations no longer set off collections"
+    assert collector["frozen_objects"] > 10_000
 
 
 def test_serve_refuses_an_invalid_config(tmp_path: Path) -> None:

@@ -25,8 +25,10 @@ DUMP_SIGNAL = signal.SIGUSR1
 
 
 def _gc_state() -> dict[str, Any]:
-    """The collector's settings and work so far (server.gc_thresholds, app/lifecycle/heap.py)."""
+    """The collector's settings and work so far (server.gc_interval_s and gc_thresholds, app/lifecycle/heap.py):
+    ``count_trigger`` is off while the collector runs on the loop's clock."""
     return {
+        "count_trigger": gc.isenabled(),
         "thresholds": list(gc.get_threshold()),
         "pending": list(gc.get_count()),
         "frozen_objects": gc.get_freeze_count(),

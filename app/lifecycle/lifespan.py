@@ -14,6 +14,7 @@ Order and why:
   5. cpu_pool         worker processes, pre-warmed
   5b. diagnostics     fault handler, SIGUSR1 dump, task ages, tracemalloc when configured
   6. loop_lag         background sampler task
+  6b. collector       the garbage collector on the loop's clock instead of its allocation count (app/lifecycle/heap.py)
   7. blocking_detector  heartbeat + watchdog thread naming code that blocks the loop
   8. admin_listener   /metrics on its own port, when configured (closed first, after the public drain)
 Closing runs backwards: background tasks stop, workers finish and exit, the DB executor finishes its running
@@ -34,6 +35,7 @@ from app.compute.pool import CpuPool
 from app.db.pool import Database
 from app.diagnostics.runtime import Diagnostics
 from app.lifecycle.gauges import StateCollector
+from app.lifecycle.heap import ClockedCollector
 from app.lifecycle.readiness import Readiness
 from app.observability.admin import AdminListener, create_admin_app
 from app.observability.blocking import BlockingDetector
@@ -73,7 +75,7 @@ def expected_resources(settings: Settings) -> list[str]:
         names.append("database")
     if settings.compute.enabled:
         names.append("cpu_pool")
-    names += ["diagnostics", "loop_lag", "blocking_detector"]
+    names += ["diagnostics", "loop_lag", "collector", "blocking_detector"]
     if settings.observability.admin_port is not None:
         names.append("admin_listener")
     return names
@@ -150,6 +152,8 @@ def build_lifespan(state: GatewayState) -> Callable[[FastAPI], AbstractAsyncCont
             state.diagnostics = Diagnostics(settings.diagnostics, db=state.db, cpu=state.cpu)
             await _open(stack, readiness, "diagnostics", state.diagnostics)
             await _open(stack, readiness, "loop_lag", sampler)
+            collector = ClockedCollector(settings.server.gc_interval_s, metrics.gc_pause)
+            await _open(stack, readiness, "collector", collector)
             detector = BlockingDetector(metrics.loop_blocked, threshold_s=obs.blocking_threshold_ms / 1000)
             await _open(stack, readiness, "blocking_detector", detector)
             if obs.admin_port is not None:

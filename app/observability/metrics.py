@@ -42,6 +42,14 @@ class Metrics:
         self.loop_lag = Histogram(
             "gateway_event_loop_lag_seconds", "How late the loop ran a timer.", buckets=LOOP_LAG_BUCKETS, registry=r
         )
+        self.gc_pause = Histogram(
+            "gateway_gc_pause_seconds",
+            "Collections the gateway ran on its clock (server.gc_interval_s), by generation: how long each held the"
+            " loop.",
+            ["generation"],
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self.loop_blocked = Counter(
             "gateway_event_loop_blocked", "Callbacks that blocked the loop past the detector threshold.", registry=r
         )
@@ -99,6 +107,8 @@ class Metrics:
         self._shed_by_reason = {
             reason: self.shed.labels(reason) for reason in ("in_flight", "loop_lag", "cpu_queue", "draining")
         }
+        for generation in ("0", "1", "2"):
+            self.gc_pause.labels(generation)
         for transport in ("shm", "pickle"):
             self.cpu_transfer.labels(transport)
         for route in ("/aggregate", "/aggregate/{composite}"):  # the two route templates that answer aggregates

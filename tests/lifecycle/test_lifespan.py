@@ -47,6 +47,7 @@ async def test_resources_open_in_order_and_close_in_reverse(pg_dsn: str, caplog:
         "cpu_pool",
         "diagnostics",
         "loop_lag",
+        "collector",
         "blocking_detector",
     ]
     assert closed == list(reversed(opened))
