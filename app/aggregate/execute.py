@@ -296,8 +296,9 @@ class Aggregator:
         progress = Progress()
         try:
             if isinstance(plan, UpstreamPlan):
+                # Cut at the deadline by run()'s timer, which cancels this task.
                 result = await self._upstreams.call(
-                    plan.upstream, plan.out, deadline=deadline, headers=headers, progress=progress
+                    plan.upstream, plan.out, deadline=deadline, headers=headers, progress=progress, cut_at_deadline=True
                 )
                 status, data = result.status, await self._decode(plan, result, inline=name in self._inline)
             else:

@@ -17,7 +17,7 @@ from app.db.queries import bind, coerce
 from app.errors import NotFoundError, TooManySourcesError
 from app.settings import CompositeConfig, CompositeSource, Settings
 from app.upstream.client import Outbound
-from app.upstream.paths import UnsafePathError, confine_path, join_url
+from app.upstream.paths import UnsafePathError, confine_path, join_url, target_url
 
 # What a composite's value may not hold when it goes in a path (app/aggregate/schema.py says the same).
 UNSAFE_IN_PATH = re.compile(r"[/\\\x00-\x1f\x7f]")
@@ -33,7 +33,7 @@ def _plan_upstream(settings: Settings, loc: str, spec: UpstreamSourceSpec, probl
         problems.add(f"{loc}.upstream", f"unknown upstream '{spec.upstream}'", "unknown_upstream")
         return None
     try:
-        url = join_url(upstream.base_url, confine_path(spec.path))
+        url = target_url(upstream.base_url, spec.path)
     except (UnsafePathError, UnicodeDecodeError) as exc:
         problems.add(f"{loc}.path", str(exc), "unsafe_path")
         return None

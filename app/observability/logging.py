@@ -16,19 +16,34 @@ request_trace: ContextVar[tuple[str, str] | None] = ContextVar("request_trace", 
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and belongs in the JSON line.
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+# How many attributes a LogRecord sets itself, before any extra (logging refuses an extra that would replace one).
+_FIRST_EXTRA = len(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object per record. Formatting runs under the handler's lock, so the cached second is never shared
+    between two threads at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._second = -1
+        self._stamp = ""
+
     def format(self, record: logging.LogRecord) -> str:
+        second = int(record.created)
+        if second != self._second:  # the date and time formatted once a second, not once a line
+            self._second, self._stamp = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         entry: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": f"{self._stamp}.{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        for key, value in vars(record).items():
+        fields = vars(record)
+        # The extras are the record's last attributes (LogRecord sets its own first): only those are looked at.
+        for key in list(fields)[_FIRST_EXTRA:]:
             if key not in _STANDARD and not key.startswith("_"):
-                entry[key] = value
+                entry[key] = fields[key]
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Mapping
@@ -44,7 +45,7 @@ async def call_once(
     params: Mapping[str, str],
     body: Any,
     headers: Mapping[str, str],
-    timeout_s: float,
+    timeout_s: float | None,
     connect_timeout_s: float,
     max_bytes: int,
     ssl: SSLContext | bool = True,
@@ -55,9 +56,14 @@ async def call_once(
     Raises UpstreamTimeoutError, UpstreamConnectError, ResponseTooLargeError, BadResponseError, and
     UpstreamStatusError for 5xx and 429 (callers decide whether to retry); every other status is a Reply.
     ``server_hostname``: the name the TLS handshake sends and checks when ``url`` names an address.
+    ``timeout_s`` None: the caller's own timer bounds the call (its deadline); only the connection is timed here.
     """
-    connect_s = min(connect_timeout_s, timeout_s)
-    timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s)
+    if timeout_s is None:
+        connect_s = connect_timeout_s
+        timeout = _connect_only(connect_s)
+    else:
+        connect_s = min(connect_timeout_s, timeout_s)
+        timeout = aiohttp.ClientTimeout(total=timeout_s, sock_connect=connect_s)
     data = None if body is None else _encode(body)
     send_headers = dict(headers)
     if data is not None:
@@ -78,7 +84,7 @@ async def call_once(
             status = resp.status
             reply_headers = resp.headers  # immutable and case-insensitive
     except TimeoutError as exc:
-        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        if isinstance(exc, aiohttp.ConnectionTimeoutError) or timeout_s is None:
             message, limit_s = f"{upstream}: no connection within {connect_s * 1000:.0f} ms", connect_s
         else:
             message, limit_s = f"{upstream} did not answer within {timeout_s * 1000:.0f} ms", timeout_s
@@ -94,6 +100,12 @@ async def call_once(
         err.retry_after = reply_headers.get("retry-after")
         raise err
     return Reply(status=status, body=raw, headers=reply_headers)
+
+
+@functools.lru_cache(maxsize=64)
+def _connect_only(connect_s: float) -> aiohttp.ClientTimeout:
+    """A connect timeout alone, made once per value (the upstreams' connect_timeout_ms)."""
+    return aiohttp.ClientTimeout(total=None, sock_connect=connect_s)
 
 
 def _encode(body: Any) -> bytes:

@@ -41,6 +41,9 @@ from app.upstream.session import HttpSession, new_session
 MIN_STALL_S = 0.05
 # A retry is pointless when less than this is left before the deadline.
 MIN_ATTEMPT_S = 0.005
+# A cancellation this close to the deadline, of a call the deadline's timer cuts, is that timer's (loops fire
+# timers up to a clock tick early: uvloop's clock counts milliseconds).
+DEADLINE_SLACK_S = 0.005
 
 
 class UpstreamObserver(Protocol):
@@ -196,7 +199,14 @@ class UpstreamClient:
             await self._own_resolver.aclose()
 
     def call(
-        self, name: str, out: Outbound, *, deadline: float, headers: Mapping[str, str], progress: Progress
+        self,
+        name: str,
+        out: Outbound,
+        *,
+        deadline: float,
+        headers: Mapping[str, str],
+        progress: Progress,
+        cut_at_deadline: bool = False,
     ) -> Coroutine[Any, Any, Result]:
         """Call upstream ``name`` until success, a non-transient failure, the deadline, or the retry budget.
 
@@ -204,16 +214,29 @@ class UpstreamClient:
         CircuitOpenError, DeadlineExceededError, UpstreamTimeoutError, UpstreamConnectError, UpstreamStatusError,
         ResponseTooLargeError, BadResponseError. Through the upstream's cache (when it has one), a fresh or stale
         entry or another caller's call may answer instead (``progress.cache`` says which).
+
+        ``cut_at_deadline``: the caller cancels this call when the deadline passes (the aggregate's one timer does);
+        then an attempt allowed until the deadline or beyond needs no timer of its own. A call through a cache runs
+        in a task of its own, which no caller's cancellation reaches: its attempts always keep their timers.
         """
         up = self.upstreams[name]
         # Not a coroutine itself: the call's own coroutine is handed back, so that an upstream without a cache
         # pays one attribute test per call and no extra frame.
         if up.cache is not None:
-            return up.cache.call(out, deadline, progress, lambda: self._call(up, out, deadline, headers, progress))
-        return self._call(up, out, deadline, headers, progress)
+            return up.cache.call(
+                out, deadline, progress, lambda: self._call(up, out, deadline, headers, progress, cut=False)
+            )
+        return self._call(up, out, deadline, headers, progress, cut=cut_at_deadline)
 
     async def _call(
-        self, up: Upstream, out: Outbound, deadline: float, headers: Mapping[str, str], progress: Progress
+        self,
+        up: Upstream,
+        out: Outbound,
+        deadline: float,
+        headers: Mapping[str, str],
+        progress: Progress,
+        *,
+        cut: bool,
     ) -> Result:
         name = up.name
         loop = asyncio.get_running_loop()
@@ -225,7 +248,7 @@ class UpstreamClient:
         while True:
             attempt += 1
             try:
-                reply = await self._attempt(up, out, deadline, headers, progress, tried)
+                reply = await self._attempt(up, out, deadline, headers, progress, tried, cut)
                 if reply.status >= 300:
                     raise UpstreamStatusError(f"{name} answered {reply.status}", status=reply.status)
                 return Result(status=reply.status, body=reply.body, headers=reply.headers, attempts=progress.attempts)
@@ -256,6 +279,7 @@ class UpstreamClient:
         headers: Mapping[str, str],
         progress: Progress,
         tried: _Tried | None,
+        cut: bool,
     ) -> Reply:
         if not up.breaker.try_acquire():
             # Counted apart from attempts (nothing was sent): an outage is mostly refusals once the breaker opens.
@@ -265,7 +289,7 @@ class UpstreamClient:
                 f"{up.name} circuit is open; next probe in {up.breaker.retry_after_s() * 1000:.0f} ms"
             )
         try:
-            reply = await self._send(up, out, deadline, headers, progress, tried)
+            reply = await self._send(up, out, deadline, headers, progress, tried, cut)
         except DeadlineExceededError:
             # The client's deadline, not the upstream, cut this attempt short: not the breaker's business.
             up.breaker.release_probe()
@@ -291,6 +315,7 @@ class UpstreamClient:
         headers: Mapping[str, str],
         progress: Progress,
         tried: _Tried | None,
+        cut: bool,
     ) -> Reply:
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
@@ -304,6 +329,9 @@ class UpstreamClient:
             if remaining <= MIN_ATTEMPT_S:
                 raise DeadlineExceededError(f"the deadline passed while waiting for a slot on {up.name}")
             per_try = up.config.timeout_ms / 1000
+            # The caller's deadline timer cuts what is still running at the deadline: an attempt allowed that long
+            # needs no timer of its own (aiohttp's costs a timer and two context objects per call).
+            own_timer = not cut or per_try < remaining
             # The client's allowlisted headers, the gateway's own per request, then its credentials for this
             # upstream; the settings keep the three sets of names apart.
             send_headers = {**out.headers, **headers, **up.headers}
@@ -330,7 +358,7 @@ class UpstreamClient:
                     params=out.params,
                     body=out.body,
                     headers=send_headers,
-                    timeout_s=min(per_try, remaining),
+                    timeout_s=min(per_try, remaining) if own_timer else None,
                     connect_timeout_s=up.config.connect_timeout_ms / 1000,
                     max_bytes=up.config.max_response_bytes,
                     ssl=up.ssl,
@@ -356,6 +384,10 @@ class UpstreamClient:
             except SourceError as exc:
                 fault = _endpoint_fault(exc)
                 self._observe(up.name, exc.kind, started)
+                raise
+            except asyncio.CancelledError:
+                if not own_timer and loop.time() >= deadline - DEADLINE_SLACK_S:
+                    self._observe(up.name, "deadline", started)  # as an attempt with its own timer says it
                 raise
             finally:
                 up.in_flight -= 1

@@ -62,3 +62,21 @@ def join_url(base_url: str, confined_path: str) -> URL:
     if not url.raw_path.startswith(base_path.rstrip("/") + "/") and url.raw_path != base_path:
         raise UnsafePathError("path leaves the upstream's base path")
     return url
+
+
+# Paths up to this long are remembered (a few thousand of them): most requests name the same few paths, and a
+# remembered one costs a dictionary lookup instead of two decodes, a scan and a URL parse (about 3 us).
+_REMEMBERED_PATH_CHARS = 256
+
+
+def target_url(base_url: str, path: str) -> URL:
+    """``join_url(base_url, confine_path(path))``: a client's path on a configured upstream, checked and joined.
+    Raises UnsafePathError and UnicodeDecodeError as those do (a refusal is never remembered)."""
+    if len(path) > _REMEMBERED_PATH_CHARS:
+        return join_url(base_url, confine_path(path))
+    return _remembered_target(base_url, path)
+
+
+@functools.lru_cache(maxsize=4096)
+def _remembered_target(base_url: str, path: str) -> URL:
+    return join_url(base_url, confine_path(path))

@@ -74,9 +74,14 @@ async def test_slow_upstream_cannot_push_past_the_deadline(upstream: UpstreamSer
         status, body, _ = await post_aggregate(client, gw.url, sources, deadline_ms=300)
         elapsed = time.perf_counter() - started
         await upstream.await_disconnects(1)
+        registry = gw.state.require_metrics().registry
     assert status == 200
     assert body["results"]["fast"]["ok"] is True
     assert body["results"]["slow"]["error"]["type"] == "deadline"
+    # Cut by the aggregate's one timer (the attempt had none of its own), and counted as the deadline's.
+    attempts = "gateway_upstream_request_duration_seconds_count"
+    assert registry.get_sample_value(attempts, {"upstream": "a", "outcome": "deadline"}) == 1
+    assert registry.get_sample_value(attempts, {"upstream": "a", "outcome": "ok"}) == 1
     # Well under the 3 s the slow upstream takes; the margin over 300 ms is for a loaded CI machine.
     assert 0.28 < elapsed < 1.0, f"answered after {elapsed * 1000:.0f} ms for a 300 ms deadline"
     assert [r.disconnected for r in upstream.requests if r.path == "/slow"] == [True]
