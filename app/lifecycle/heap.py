@@ -14,7 +14,7 @@ each walking the 4,000-8,000 objects in flight for 2.5-3.5 ms and finding nothin
 and a pause on the loop every 20 ms. Driven by a clock instead (``ClockedCollector``: the count trigger off,
 gc.collect(0) every interval, the middle generation every 10th, everything every 100th), the pauses are the same
 size and come once a second. What a failure's exception leaves in a cycle (a traceback holding its frame) waits
-at most one interval to be freed. ``gc_interval_s = null`` keeps Python's own trigger, with ``gc_thresholds``.
+at most one interval to be freed. ``gc_interval_s = 0`` keeps Python's own trigger, with ``gc_thresholds``.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def freeze_startup_heap(thresholds: Sequence[int] | None = None) -> None:
 class ClockedCollector:
     """The collector driven by the loop's clock: a resource of the lifespan (app/lifecycle/lifespan.py).
 
-    ``interval_s`` None: nothing changes, Python's count trigger stays. Otherwise start() turns the count trigger
+    ``interval_s`` None or 0: nothing changes, Python's count trigger stays. Otherwise start() turns the count trigger
     off and a task collects every ``interval_s``, each pause observed in ``pauses`` by generation; aclose() turns
     the count trigger back on if it was on."""
 
@@ -52,7 +52,7 @@ class ClockedCollector:
         self._was_enabled = False
 
     async def start(self) -> None:
-        if self.interval_s is None:
+        if not self.interval_s:
             return
         self._was_enabled = gc.isenabled()
         gc.disable()

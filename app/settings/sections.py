@@ -35,12 +35,12 @@ class ServerSettings(_Section):
     loop: Literal["uvloop", "asyncio"] = "uvloop"
     # When the collector looks for reference cycles once the gateway is ready (app/lifecycle/heap.py): every this
     # many seconds, by the loop's clock. Python's own trigger counts allocations, which under load means a young
-    # collection every few requests that finds nothing (about 130 us of CPU per request at N = 8). null: Python's
+    # collection every few requests that finds nothing (about 130 us of CPU per request at N = 8). 0: Python's
     # trigger, with gc_thresholds.
-    gc_interval_s: float | None = Field(
-        1.0, gt=0, le=60, description="Collect on a clock every this many seconds once ready; null: by count."
+    gc_interval_s: float = Field(
+        1.0, ge=0, le=60, description="Collect on a clock every this many seconds once ready; 0: by count."
     )
-    # The count trigger's thresholds, used when gc_interval_s is null. Python's default (700, 10, 10) spent 15-19 %
+    # The count trigger's thresholds, used when gc_interval_s is 0. Python's default (700, 10, 10) spent 15-19 %
     # of the loop's CPU on collections in a fan-out benchmark; (5000, 20, 20) about 3 %.
     gc_thresholds: tuple[Annotated[int, Field(ge=1, le=1_000_000)], ...] = Field(
         (5000, 20, 20), min_length=3, max_length=3, description="gc.set_threshold() once ready."

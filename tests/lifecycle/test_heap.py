@@ -6,9 +6,11 @@ import asyncio
 import gc
 import weakref
 
+import pytest
 from prometheus_client import CollectorRegistry, Histogram
 
 from app.lifecycle.heap import ClockedCollector
+from app.settings import ServerSettings, load_settings
 
 
 class _Node:
@@ -56,10 +58,11 @@ async def test_cycles_are_freed_on_the_clock_with_the_count_trigger_off() -> Non
             gc.disable()
 
 
-async def test_no_interval_leaves_pythons_trigger_alone() -> None:
+@pytest.mark.parametrize("interval_s", [None, 0.0])
+async def test_no_interval_leaves_pythons_trigger_alone(interval_s: float | None) -> None:
     was_enabled = gc.isenabled()
     gc.enable()
-    collector = ClockedCollector(None, _pauses())
+    collector = ClockedCollector(interval_s, _pauses())
     try:
         await collector.start()
         assert gc.isenabled()
@@ -68,6 +71,13 @@ async def test_no_interval_leaves_pythons_trigger_alone() -> None:
         assert gc.isenabled()
         if not was_enabled:
             gc.disable()
+
+
+def test_zero_is_the_setting_for_pythons_trigger_also_from_the_environment() -> None:
+    settings = load_settings(None, environ=False)
+    assert settings.server.gc_interval_s == 1.0
+    server = ServerSettings.model_validate({"gc_interval_s": "0"})  # as an environment variable gives it
+    assert server.gc_interval_s == 0
 
 
 async def test_a_collection_is_observed_under_its_generation() -> None:
