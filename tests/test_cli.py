@@ -47,18 +47,19 @@ min_connections = 1
     assert any(entry.get("event") == "ready" for entry in lines)
 
 
-def test_serve_freezes_its_start_up_heap_and_sets_the_collector_thresholds(tmp_path: Path) -> None:
+def _with_admin_port(tmp_path: Path, server: str) -> tuple[Path, int]:
+    """A config with these [server] lines, no worker processes, and the admin listener on a free port."""
     admin_port = free_port()
     config = tmp_path / "gateway.toml"
-    config.write_text(f"""
-[server]
-drain_delay_s = 0
-gc_thresholds = [3000, 15, 12]
-[compute]
-enabled = false
-[observability]
-admin_port = {admin_port}
-""")
+    config.write_text(
+        f"[server]\ndrain_delay_s = 0\n{server}\n[compute]\nenabled = false\n"
+        f"[observability]\nadmin_port = {admin_port}\n"
+    )
+    return config, admin_port
+
+
+def test_serve_freezes_its_start_up_heap_and_sets_the_collector_thresholds(tmp_path: Path) -> None:
+    config, admin_port = _with_admin_port(tmp_path, "gc_thresholds = [3000, 15, 12]")
     with gateway_process(config, tmp_path) as gw:
         deadline = time.monotonic() + 10
         while True:  # set once the server is ready, which /readyz may report a moment before
@@ -73,18 +74,8 @@ admin_port = {admin_port}
     assert len(collector["generations"]) == 3
 
 
-def test_serve_collects_on_its_clock_by_default(tmp_path: Path) -> None:
-    admin_port = free_port()
-    config = tmp_path / "gateway.toml"
-    config.write_text(f"""
-[server]
-drain_delay_s = 0
-gc_interval_s = 0.05
-[compute]
-enabled = false
-[observability]
-admin_port = {admin_port}
-""")
+def test_serve_collects_on_its_clock(tmp_path: Path) -> None:
+    config, admin_port = _with_admin_port(tmp_path, "gc_interval_s = 0.05")
     with gateway_process(config, tmp_path) as gw:
         deadline = time.monotonic() + 10
         while True:  # the clock's first collections, once ready

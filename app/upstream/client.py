@@ -76,10 +76,18 @@ class Upstream:
     cache: CachedCalls[Result] | None = None
 
 
-@dataclass
-class _Tried:
-    """The endpoint a call's last attempt went to: its retry prefers another."""
+@dataclass(slots=True)
+class _Call:
+    """One call, as each of its attempts needs it. ``cut``: the caller cancels the call at the deadline
+    (UpstreamClient.call's ``cut_at_deadline``); ``last``: the endpoint its last attempt went to, which a retry
+    avoids (balanced upstreams only)."""
 
+    up: Upstream
+    out: Outbound
+    deadline: float
+    headers: Mapping[str, str]
+    progress: Progress
+    cut: bool
     last: Endpoint | None = None
 
 
@@ -243,12 +251,12 @@ class UpstreamClient:
         policy = up.config.retry
         retryable_method = out.method in IDEMPOTENT_METHODS
         up.budget.record_call()
-        tried = _Tried() if up.endpoints is not None else None  # nothing to remember with one endpoint
+        call = _Call(up, out, deadline, headers, progress, cut)
         attempt = 0  # tries, sent or not: the retry policy's count
         while True:
             attempt += 1
             try:
-                reply = await self._attempt(up, out, deadline, headers, progress, tried, cut)
+                reply = await self._attempt(call)
                 if reply.status >= 300:
                     raise UpstreamStatusError(f"{name} answered {reply.status}", status=reply.status)
                 return Result(status=reply.status, body=reply.body, headers=reply.headers, attempts=progress.attempts)
@@ -271,16 +279,8 @@ class UpstreamClient:
                 self._observer.retry(name)
             await asyncio.sleep(delay)
 
-    async def _attempt(
-        self,
-        up: Upstream,
-        out: Outbound,
-        deadline: float,
-        headers: Mapping[str, str],
-        progress: Progress,
-        tried: _Tried | None,
-        cut: bool,
-    ) -> Reply:
+    async def _attempt(self, call: _Call) -> Reply:
+        up = call.up
         if not up.breaker.try_acquire():
             # Counted apart from attempts (nothing was sent): an outage is mostly refusals once the breaker opens.
             if self._observer is not None:
@@ -289,7 +289,7 @@ class UpstreamClient:
                 f"{up.name} circuit is open; next probe in {up.breaker.retry_after_s() * 1000:.0f} ms"
             )
         try:
-            reply = await self._send(up, out, deadline, headers, progress, tried, cut)
+            reply = await self._send(call)
         except DeadlineExceededError:
             # The client's deadline, not the upstream, cut this attempt short: not the breaker's business.
             up.breaker.release_probe()
@@ -307,16 +307,8 @@ class UpstreamClient:
         up.breaker.record_success()
         return reply
 
-    async def _send(
-        self,
-        up: Upstream,
-        out: Outbound,
-        deadline: float,
-        headers: Mapping[str, str],
-        progress: Progress,
-        tried: _Tried | None,
-        cut: bool,
-    ) -> Reply:
+    async def _send(self, call: _Call) -> Reply:
+        up, out, deadline, progress = call.up, call.out, call.deadline, call.progress
         loop = asyncio.get_running_loop()
         waited_from = loop.time()
         # Per-upstream slot first, then a global one: a saturated upstream never holds global slots while it
@@ -331,17 +323,17 @@ class UpstreamClient:
             per_try = up.config.timeout_ms / 1000
             # The caller's deadline timer cuts what is still running at the deadline: an attempt allowed that long
             # needs no timer of its own (aiohttp's costs a timer and two context objects per call).
-            own_timer = not cut or per_try < remaining
+            own_timer = not call.cut or per_try < remaining
             # The client's allowlisted headers, the gateway's own per request, then its credentials for this
             # upstream; the settings keep the three sets of names apart.
-            send_headers = {**out.headers, **headers, **up.headers}
+            send_headers = {**out.headers, **call.headers, **up.headers}
             send_headers["X-Request-Deadline-Ms"] = str(max(1, int(remaining * 1000)))
             session, url, server_hostname = self._http.session, out.url, None
             pool, endpoint = up.endpoints, None
-            if pool is not None and tried is not None:
+            if pool is not None:
                 # Picked once the slots are held, so that the in-flight counts it compares are the real ones; no
                 # await between the pick (which counts the call in flight) and the try whose finally releases it.
-                endpoint = tried.last = pool.pick(tried.last)
+                endpoint = call.last = pool.pick(call.last)
                 session, url = endpoint.session or session, endpoint.url_for(url)
                 server_hostname = endpoint.server_hostname
                 if endpoint.host_header is not None:
