@@ -15,9 +15,10 @@ import orjson
 request_trace: ContextVar[tuple[str, str] | None] = ContextVar("request_trace", default=None)
 
 # Attributes every LogRecord has; anything else was passed through `extra=` and belongs in the JSON line.
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_OWN = vars(logging.LogRecord("", 0, "", 0, "", (), None))
+_STANDARD = set(_OWN) | {"message", "asctime", "taskName"}
 # How many attributes a LogRecord sets itself, before any extra (logging refuses an extra that would replace one).
-_FIRST_EXTRA = len(vars(logging.LogRecord("", 0, "", 0, "", (), None)))
+_FIRST_EXTRA = len(_OWN)
 
 
 class JsonFormatter(logging.Formatter):

@@ -231,27 +231,17 @@ class UpstreamClient:
         # Not a coroutine itself: the call's own coroutine is handed back, so that an upstream without a cache
         # pays one attribute test per call and no extra frame.
         if up.cache is not None:
-            return up.cache.call(
-                out, deadline, progress, lambda: self._call(up, out, deadline, headers, progress, cut=False)
-            )
-        return self._call(up, out, deadline, headers, progress, cut=cut_at_deadline)
+            uncut = _Call(up, out, deadline, headers, progress, cut=False)
+            return up.cache.call(out, deadline, progress, lambda: self._call(uncut))
+        return self._call(_Call(up, out, deadline, headers, progress, cut=cut_at_deadline))
 
-    async def _call(
-        self,
-        up: Upstream,
-        out: Outbound,
-        deadline: float,
-        headers: Mapping[str, str],
-        progress: Progress,
-        *,
-        cut: bool,
-    ) -> Result:
+    async def _call(self, call: _Call) -> Result:
+        up, out, deadline, progress = call.up, call.out, call.deadline, call.progress
         name = up.name
         loop = asyncio.get_running_loop()
         policy = up.config.retry
         retryable_method = out.method in IDEMPOTENT_METHODS
         up.budget.record_call()
-        call = _Call(up, out, deadline, headers, progress, cut)
         attempt = 0  # tries, sent or not: the retry policy's count
         while True:
             attempt += 1
